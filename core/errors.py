@@ -1,0 +1,38 @@
+"""The errors proxim raises. User errors derive from `LookupError` or `ValueError`, never `KeyError`."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ProximError(Exception):
+    """Base class of every error proxim raises on purpose."""
+
+
+class UnknownNameError(ProximError, LookupError):
+    """A part, preset or hyperparameter name that nothing registered."""
+
+
+class PluginError(ProximError, RuntimeError):
+    """A plugin failed to import, misnamed a hook, or registered something invalid."""
+
+
+class DuplicateNameError(PluginError):
+    """Two plugins registered the same name for the same kind of part."""
+
+
+class ConfigurationError(ProximError, ValueError):
+    """An objective that cannot work: a bad override, a missing requirement, an incompatible pair."""
+
+
+class BatchError(ProximError, ValueError):
+    """A tensor given to proxim has the wrong shape, dtype, device or values."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """A ' Did you mean ...?' suffix naming the closest choices, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"

@@ -1,0 +1,467 @@
+"""An objective: a baseline, an advantage estimator and a trust region, resolved once and called directly.
+
+Stage 1 (`Objective.advantages`, once per rollout, no grad) turns rewards into per-token advantages.
+Stage 2 (`Objective.loss`, per minibatch, with grad) turns log-probs and advantages into a scalar loss,
+adding the KL, entropy and value terms the options ask for. Neither stage touches pluggy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor
+
+from proxim import aggregation
+from proxim.errors import BatchError, ConfigurationError, UnknownNameError, suggest
+from proxim.ops import broadcast_to_tokens, group_std, kl_estimate, log_ratio, masked_mean, masked_sum, sequence_to_token_rewards
+from proxim.parts import AXES, Advantage, Baseline, Part, TrustRegion, check_part_instance
+from proxim.penalties import value_loss
+from proxim.registry import PartInfo, Registry, default_registry
+from proxim.rollout import Estimate, LossOutput, Rollout
+
+
+def _choice(*allowed: str) -> Any:
+    return attrs.validators.in_(allowed)
+
+
+def _at_least(low: float) -> Any:
+    return attrs.validators.ge(low)
+
+
+def _optional_positive(instance: object, attribute: Any, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"{attribute.name} must be None or > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    """Objective-level options (not part hyperparameters).
+
+    aggregation:   how the per-token loss becomes a scalar; see `proxim.aggregation`. Default token_mean.
+    max_length:    L_max for seq_mean_token_sum_norm; None uses the batch's T (pass a constant, e.g. the
+                   generation limit, for exact micro-batch invariance).
+    kl_coef:       beta of the KL to the reference policy, >= 0. 0 turns the term off.
+    kl_estimator:  "k1", "k2" or "k3" (Schulman); see `proxim.ops.kl_estimate`.
+    kl_in:         "loss" (differentiated, aggregated like the policy loss; GRPO) or "reward" (from the
+                   sampling-time log-probs, subtracted from the rewards before stage 1; PPO-RLHF, RLOO).
+    entropy_coef:  weight of the entropy bonus, >= 0; `loss()` then needs per-token `entropy`.
+    value_coef:    weight of the critic loss, >= 0; used when the baseline provides state values.
+    value_clip:    the value-clip range, or None for the unclipped squared error.
+    anchor:        the trust region's reference log-probs: "old" (Rollout.old_logprobs: recomputed by the
+                   trainer before the update, classic PPO/GRPO) or "rollout" (Rollout.rollout_logprobs:
+                   the inference engine's, mu in DPPO/DRPO, which covers train/inference mismatch too).
+    """
+
+    aggregation: str = attrs.field(default="token_mean", validator=_choice(*aggregation.MODES))
+    max_length: int | None = attrs.field(default=None, validator=_optional_positive)
+    kl_coef: float = attrs.field(default=0.0, validator=_at_least(0.0))
+    kl_estimator: str = attrs.field(default="k3", validator=_choice("k1", "k2", "k3"))
+    kl_in: str = attrs.field(default="loss", validator=_choice("loss", "reward"))
+    entropy_coef: float = attrs.field(default=0.0, validator=_at_least(0.0))
+    value_coef: float = attrs.field(default=0.5, validator=_at_least(0.0))
+    value_clip: float | None = attrs.field(default=None, validator=_optional_positive)
+    anchor: str = attrs.field(default="old", validator=_choice("old", "rollout"))
+
+
+OPTION_NAMES = tuple(a.name for a in attrs.fields(Options))
+
+
+@attrs.frozen(kw_only=True, eq=False)
+class Objective:
+    """A composed objective. Build it with `proxim.objective(...)`; it is immutable."""
+
+    baseline: Baseline
+    advantage: Advantage
+    region: TrustRegion
+    options: Options = attrs.field(factory=Options)
+    preset: str | None = None
+    sources: Mapping[str, PartInfo | None] = attrs.field(factory=dict)
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def parts(self) -> dict[str, Part]:
+        return {"baseline": self.baseline, "advantage": self.advantage, "region": self.region}
+
+    @property
+    def has_critic(self) -> bool:
+        return self.baseline.provides_state_values
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """The optional Rollout fields this objective needs."""
+        needed = set().union(*(p.requires for p in self.parts.values()))
+        if self.options.kl_coef > 0:
+            needed.add("ref_logprobs")
+        if self.options.anchor == "rollout":
+            needed.add("rollout_logprobs")
+        return frozenset(needed)
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable string naming parts, hyperparameters, options and the plugin versions that supplied them."""
+        fields = []
+        for kind, part in self.parts.items():
+            info = self.sources.get(kind)
+            origin = f"{info.distribution}=={info.version}" if info else f"{type(part).__module__}.{type(part).__qualname__}"
+            fields.append(f"{kind}={part.describe()}@{origin}")
+        options = ",".join(f"{k}={v!r}" for k, v in attrs.asdict(self.options).items())
+        return "|".join([*fields, f"options({options})"])
+
+    def __repr__(self) -> str:
+        head = f"preset={self.preset!r}, " if self.preset else ""
+        parts = ", ".join(f"{k}={p.describe()}" for k, p in self.parts.items())
+        return f"Objective({head}{parts}, {self.options!r})"
+
+    def override(self, **overrides: Any) -> Objective:
+        """A copy with hyperparameters or options changed, routed by field name like `proxim.objective`."""
+        parts, options = _route(self.parts, attrs.asdict(self.options), overrides, origin="override")
+        return _assemble(parts, options, self.preset, self.sources)
+
+    def normalizer(self, mask: Tensor) -> Tensor:
+        """The aggregation's denominator for `mask`: pass the whole step's count to each micro-batch's `loss()`."""
+        return aggregation.default_normalizer(mask, self.options.aggregation)
+
+    # -- stage 1 --------------------------------------------------------------------------------
+    def advantages(self, batch: Rollout) -> Estimate:
+        """Per-token advantages [B, T] (and critic returns) for a rollout batch. Runs without grad."""
+        self._check_requires(batch)
+        with torch.no_grad():
+            shaped, kl_penalty = self._shape_rewards(batch)
+            self._check_group_sizes(shaped)
+            baseline = self.baseline(shaped)
+            raw = self.advantage(shaped, baseline)
+            mask = batch.mask
+            adv = torch.where(mask, raw.advantages.to(batch.old_logprobs.dtype), torch.zeros((), dtype=batch.old_logprobs.dtype))
+            returns = None if raw.returns is None else torch.where(mask, raw.returns.to(adv.dtype), torch.zeros((), dtype=adv.dtype))
+            metrics = dict(raw.metrics)
+            metrics.update(self._stage_one_metrics(shaped, adv))
+            if kl_penalty is not None:
+                metrics["reward/kl_penalty"] = kl_penalty
+        return Estimate(advantages=adv, returns=returns, rewards=shaped.rewards, metrics=metrics)
+
+    def _check_requires(self, batch: Rollout) -> None:
+        missing = sorted(f for f in self.requires if getattr(batch, f) is None)
+        if missing:
+            why = []
+            for field in missing:
+                users = [f"{k} {p.name!r}" for k, p in self.parts.items() if field in p.requires]
+                if field == "ref_logprobs" and self.options.kl_coef > 0:
+                    users.append(f"kl_coef={self.options.kl_coef}")
+                if field == "rollout_logprobs":
+                    users.append("anchor='rollout'")
+                why.append(f"Rollout.{field} (needed by {', '.join(users)})")
+            raise BatchError(f"this objective needs {'; '.join(why)}, but the batch has None there.")
+
+    def _shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor | None]:
+        """Rewards as the advantage wants them ([B, T] or [B]), with KL-in-reward applied."""
+        mask = batch.mask
+        rewards = batch.rewards.to(batch.old_logprobs.dtype)
+        kl_tokens = None
+        if self.options.kl_in == "reward" and self.options.kl_coef > 0:
+            assert batch.ref_logprobs is not None  # guaranteed by _check_requires
+            kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.options.kl_estimator)
+            kl_tokens = self.options.kl_coef * torch.where(mask, kl, torch.zeros_like(kl))
+        if self.advantage.token_level:
+            if rewards.dim() == 1:
+                rewards = sequence_to_token_rewards(rewards, mask)
+            rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+            if kl_tokens is not None:
+                rewards = rewards - kl_tokens
+        else:
+            if rewards.dim() == 2:
+                rewards = masked_sum(rewards, mask, dim=1)
+            if kl_tokens is not None:
+                rewards = rewards - kl_tokens.sum(dim=1)
+        penalty = None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
+        return batch._with(rewards=rewards), penalty
+
+    def _check_group_sizes(self, batch: Rollout) -> None:
+        for kind, part in self.parts.items():
+            if part.min_group_size <= 1:
+                continue
+            sizes = batch.group_sizes()
+            small = sizes < part.min_group_size
+            if bool(small.any()):
+                first = int(torch.nonzero(small)[0, 0])
+                gid = "(no group ids)" if batch.group is None else f"group id {int(batch.group[first])}"
+                raise BatchError(
+                    f"{kind} {part.name!r} needs at least {part.min_group_size} responses per group, but "
+                    f"{gid} (row {first}) has {int(sizes[first])}. Sample more responses per prompt "
+                    f"or drop groups smaller than {part.min_group_size}."
+                )
+
+    def _stage_one_metrics(self, batch: Rollout, adv: Tensor) -> dict[str, Tensor]:
+        mask = batch.mask
+        mean = masked_mean(adv, mask)
+        count = mask.sum().clamp(min=2).to(adv.dtype)
+        std = (masked_sum((adv - mean) ** 2, mask) / (count - 1)).sqrt()
+        seq_rewards = batch.rewards if batch.rewards.dim() == 1 else batch.rewards.sum(dim=1)
+        metrics = {"advantage/mean": mean, "advantage/std": std, "reward/mean": seq_rewards.mean()}
+        if batch.group is not None:
+            zero = (group_std(seq_rewards, batch.group, singleton=0.0) == 0).to(adv.dtype)
+            per_group_first = torch.ones_like(zero) / batch.group_sizes().to(adv.dtype)
+            metrics["advantage/zero_std_groups"] = (zero * per_group_first).sum()
+        return metrics
+
+    # -- stage 2 --------------------------------------------------------------------------------
+    def loss(
+        self,
+        logprobs: Tensor,
+        batch: Rollout,
+        estimate: Estimate,
+        values: Tensor | None = None,
+        normalizer: Tensor | int | None = None,
+        entropy: Tensor | None = None,
+    ) -> LossOutput:
+        """The scalar loss for a (mini)batch.
+
+        logprobs:   [B, T] log-probs of the sampled tokens under the current policy (with grad).
+        values:     [B, T] current critic values, needed when the objective trains a critic.
+        normalizer: the aggregation denominator counted over the whole step (`Objective.normalizer`), so
+                    that micro-batch losses sum to the full-batch loss; default, this batch's own count.
+        entropy:    [B, T] per-token policy entropy, needed when entropy_coef > 0.
+        """
+        mask = batch.mask
+        _check_stage_two("logprobs", logprobs, mask)
+        opts = self.options
+        zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+        anchor = batch.old_logprobs if opts.anchor == "old" else batch.rollout_logprobs
+        if anchor is None:
+            raise BatchError("anchor='rollout' needs Rollout.rollout_logprobs, but the batch has None there.")
+        lp = torch.where(mask, logprobs, zero)
+        anchor = torch.where(mask, anchor.to(logprobs.dtype), zero).detach()
+        adv = estimate.advantages.to(logprobs.dtype)
+        if adv.shape != mask.shape:
+            raise BatchError(f"estimate.advantages has shape {tuple(adv.shape)} but the batch is {tuple(mask.shape)}; slice both with the same index.")
+
+        def agg(per_token: Tensor) -> Tensor:
+            return aggregation.aggregate(per_token, mask, opts.aggregation, normalizer, opts.max_length)
+
+        region = self.region(lp, anchor, adv, mask)
+        policy = agg(region.loss)
+        total = policy
+        metrics = {"loss/policy": policy.detach()}
+        if opts.kl_in == "loss" and opts.kl_coef > 0:
+            assert batch.ref_logprobs is not None
+            ref = torch.where(mask, batch.ref_logprobs.to(logprobs.dtype), zero)
+            kl = agg(kl_estimate(lp, ref, opts.kl_estimator))
+            total = total + opts.kl_coef * kl
+            metrics["loss/kl"] = kl.detach()
+        if opts.entropy_coef > 0:
+            if entropy is None:
+                raise BatchError(f"entropy_coef={opts.entropy_coef} needs loss(..., entropy=[B, T] per-token entropies).")
+            _check_stage_two("entropy", entropy, mask)
+            ent = agg(torch.where(mask, entropy, zero))
+            total = total - opts.entropy_coef * ent
+            metrics["loss/entropy"] = ent.detach()
+        if self.has_critic and opts.value_coef > 0:
+            total = total + opts.value_coef * self._value_term(values, batch, estimate, agg, metrics)
+        metrics.update(_region_metrics(region.metrics, lp.detach(), anchor, mask))
+        metrics["loss/total"] = total.detach()
+        return LossOutput(loss=total, metrics=metrics)
+
+    def _value_term(self, values: Tensor | None, batch: Rollout, estimate: Estimate, agg: Any, metrics: dict[str, Tensor]) -> Tensor:
+        if values is None:
+            raise BatchError(
+                f"baseline {self.baseline.name!r} trains a critic (value_coef={self.options.value_coef}): "
+                f"pass loss(..., values=[B, T] current critic values), or set value_coef=0."
+            )
+        _check_stage_two("values", values, batch.mask)
+        if estimate.returns is None or batch.values is None:
+            raise BatchError(f"advantage {self.advantage.name!r} produced no returns to regress the critic on.")
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        mask = batch.mask
+        per_token = value_loss(
+            torch.where(mask, values, zero),
+            torch.where(mask, batch.values.to(values.dtype), zero),
+            estimate.returns.to(values.dtype),
+            self.options.value_clip,
+        )
+        term = agg(per_token)
+        metrics["loss/value"] = term.detach()
+        return term
+
+
+def _check_stage_two(name: str, t: Tensor, mask: Tensor) -> None:
+    if not isinstance(t, Tensor) or t.shape != mask.shape:
+        got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise BatchError(f"{name} must be a [B, T] tensor of shape {tuple(mask.shape)} like the batch's mask, got {got}.")
+    if not t.is_floating_point():
+        raise BatchError(f"{name} must be floating point, got dtype {t.dtype}.")
+    if t.device != mask.device:
+        raise BatchError(f"{name} is on {t.device} but the batch is on {mask.device}.")
+
+
+def _region_metrics(per_token: Mapping[str, Tensor], lp: Tensor, anchor: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    lr = log_ratio(lp, anchor)
+    ratio = lr.exp()
+    out = {f"region/{k}": masked_mean(v.detach().to(lp.dtype), mask) for k, v in per_token.items()}
+    out["region/ratio_mean"] = masked_mean(ratio, mask)
+    out["region/ratio_max"] = torch.where(mask, ratio, torch.zeros_like(ratio)).amax()
+    out["region/approx_kl"] = masked_mean(torch.expm1(lr) - lr, mask)
+    return out
+
+
+# -- building ----------------------------------------------------------------------------------------
+
+PartSpec = str | Part | None
+
+
+def objective(
+    preset: str | None = None,
+    /,
+    *,
+    baseline: PartSpec = None,
+    advantage: PartSpec = None,
+    region: PartSpec = None,
+    registry: Registry | None = None,
+    **overrides: Any,
+) -> Objective:
+    """Compose an objective from a preset and/or named parts, with hyperparameter overrides.
+
+    ``objective("grpo", eps_high=0.28)``; ``objective(advantage="pairwise", region="quadratic")``;
+    ``objective(region=MyRegion(tau=2.0), advantage="group_normalized")``. Overrides are routed to the
+    one part (or the objective options) that has a field of that name; qualify as ``"region.eps_low"``
+    (``**{"region.eps_low": 0.1}``) when two parts share a name. With no baseline given, the advantage's
+    `default_baseline` is used; with no region, ``clip``.
+    """
+    reg = registry or default_registry()
+    chosen: dict[str, PartSpec] = {"baseline": baseline, "advantage": advantage, "region": region}
+    preset_record = reg.get("preset", preset) if preset is not None else None
+    if preset_record is None and advantage is None:
+        raise ConfigurationError(
+            "name a preset or an advantage: objective('grpo') or objective(advantage='group_normalized', ...). "
+            f"Presets: {', '.join(sorted(reg.entries['preset']))}."
+        )
+    from_preset = {kind: preset_record is not None and chosen[kind] is None for kind in AXES}
+    if preset_record is not None:
+        chosen = {kind: spec if spec is not None else getattr(preset_record, kind) for kind, spec in chosen.items()}
+    if chosen["region"] is None:
+        chosen["region"] = "clip"
+    advantage_cls = _resolve_class(reg, "advantage", chosen["advantage"])
+    if chosen["baseline"] is None:
+        chosen["baseline"] = advantage_cls.default_baseline
+
+    parts: dict[str, Part] = {}
+    sources: dict[str, PartInfo | None] = {}
+    for kind in AXES:
+        spec = chosen[kind]
+        if isinstance(spec, str):
+            cls = _resolve_class(reg, kind, spec)
+            parts[kind] = _construct(cls, kind, {})
+            sources[kind] = reg.info(kind, spec)
+        else:
+            assert isinstance(spec, Part)
+            check_part_instance(spec, kind)
+            parts[kind] = spec
+            sources[kind] = reg.info_of(spec)
+
+    options: dict[str, Any] = {}
+    if preset_record is not None:
+        kept = {k: v for k, v in preset_record.settings.items() if _applies(k, from_preset)}
+        parts, options = _route(parts, options, kept, origin=f"preset {preset!r}")
+    parts, options = _route(parts, options, overrides, origin="override")
+    return _assemble(parts, options, preset, sources)
+
+
+def _applies(key: str, from_preset: Mapping[str, bool]) -> bool:
+    """A preset setting qualified with an axis applies only while that axis keeps the preset's part."""
+    axis, dot, _ = key.partition(".")
+    return not dot or from_preset.get(axis, True)
+
+
+def _resolve_class(reg: Registry, kind: str, spec: PartSpec) -> type[Any]:
+    if isinstance(spec, Part):
+        return type(spec)
+    if not isinstance(spec, str):
+        raise ConfigurationError(f"{kind}= takes a registered name or a part instance, got {spec!r}.")
+    cls: type[Any] = reg.get(kind, spec)
+    return cls
+
+
+def _construct(cls: type[Part], kind: str, kwargs: Mapping[str, Any]) -> Part:
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"{kind} {cls.name!r}: {exc}") from exc
+
+
+def _route(
+    parts: Mapping[str, Part], options: Mapping[str, Any], overrides: Mapping[str, Any], origin: str
+) -> tuple[dict[str, Part], dict[str, Any]]:
+    """Send each override to the part (or the options) with that field; return updated parts and options."""
+    per_axis: dict[str, dict[str, Any]] = {kind: {} for kind in parts}
+    new_options = dict(options)
+    for key, value in overrides.items():
+        axis, dot, field = key.rpartition(".")
+        if dot:
+            target = _qualified_target(axis, field, parts, origin, key)
+        else:
+            target = _unqualified_target(field, parts, origin)
+        if target == "objective":
+            new_options[field] = value
+        else:
+            per_axis[target][field] = value
+    updated = {}
+    for kind, part in parts.items():
+        kwargs = per_axis[kind]
+        if not kwargs:
+            updated[kind] = part
+            continue
+        try:
+            updated[kind] = attrs.evolve(part, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"{kind} {part.name!r} ({origin}): {exc}") from exc
+    return updated, new_options
+
+
+def _qualified_target(axis: str, field: str, parts: Mapping[str, Part], origin: str, key: str) -> str:
+    if axis == "objective":
+        if field not in OPTION_NAMES:
+            raise UnknownNameError(f"{origin} {key!r}: objective options are {', '.join(OPTION_NAMES)}.{suggest(field, OPTION_NAMES)}")
+        return "objective"
+    if axis not in parts:
+        raise UnknownNameError(f"{origin} {key!r}: {axis!r} is not an axis; qualify with baseline., advantage., region. or objective.")
+    names = parts[axis].hyperparameters()
+    if field not in names:
+        raise UnknownNameError(
+            f"{origin} {key!r}: {axis} {parts[axis].name!r} has no hyperparameter {field!r}."
+            f"{suggest(field, names)} Its hyperparameters: {', '.join(names) or '(none)'}."
+        )
+    return axis
+
+
+def _unqualified_target(field: str, parts: Mapping[str, Part], origin: str) -> str:
+    owners = [kind for kind, part in parts.items() if field in part.hyperparameters()]
+    if field in OPTION_NAMES:
+        owners.append("objective")
+    if len(owners) == 1:
+        return owners[0]
+    if owners:
+        spelled = ", ".join(f"'{o}.{field}'" for o in owners)
+        raise ConfigurationError(f"{origin} {field!r} is ambiguous: {' and '.join(owners)} all have it; write one of {spelled}.")
+    everything = {f"{kind} {part.name!r}": part.hyperparameters() for kind, part in parts.items()}
+    listing = "; ".join(f"{who}: {', '.join(names) or '(none)'}" for who, names in everything.items())
+    all_names = [n for names in everything.values() for n in names] + list(OPTION_NAMES)
+    raise UnknownNameError(
+        f"{origin} {field!r} matches no hyperparameter of this objective.{suggest(field, all_names)} "
+        f"Hyperparameters — {listing}; objective options: {', '.join(OPTION_NAMES)}."
+    )
+
+
+def _assemble(parts: Mapping[str, Part], options: Mapping[str, Any], preset: str | None, sources: Mapping[str, PartInfo | None]) -> Objective:
+    try:
+        opts = Options(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"objective option: {exc}") from exc
+    baseline, advantage, region = parts["baseline"], parts["advantage"], parts["region"]
+    assert isinstance(baseline, Baseline) and isinstance(advantage, Advantage) and isinstance(region, TrustRegion)
+    if advantage.needs_state_values and not baseline.provides_state_values:
+        raise ConfigurationError(
+            f"advantage {advantage.name!r} bootstraps from state values V(s_t), which baseline {baseline.name!r} "
+            f"does not provide; use baseline='critic' (a learned value function) or another advantage."
+        )
+    return Objective(baseline=baseline, advantage=advantage, region=region, options=opts, preset=preset, sources=dict(sources))

@@ -1,0 +1,127 @@
+"""Tensor helpers shared by parts: masked statistics, group statistics, reward placement, KL estimators.
+
+Everything here is a pure function of tensors, safe with fully masked rows, and free of ``.item()``.
+Public, so that plugin authors build on the same definitions as the built-ins.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Log-ratios are clamped to this range before exponentiating (verl, OpenRLHF and DRPO's reference do
+#: the same): exp(20) ~ 4.9e8 keeps ratios, their squares and their products finite in float32.
+LOG_RATIO_CLAMP = 20.0
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of `x` where `mask` is True; masked entries may hold NaN or inf."""
+    zeros = torch.zeros((), dtype=x.dtype, device=x.device)
+    masked = torch.where(mask, x, zeros)
+    return masked.sum() if dim is None else masked.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over `mask`; 0 where nothing is selected (never NaN)."""
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the selected entries of `x` (Bessel-corrected when `unbiased`); 0 for fewer than 2."""
+    mean = masked_mean(x, mask)
+    count = mask.sum().to(x.dtype)
+    sq = masked_sum((x - mean) ** 2, mask)
+    denom = (count - 1).clamp(min=1) if unbiased else count.clamp(min=1)
+    return sq / denom
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the selected entries (verl's ``masked_whiten``); 0 elsewhere."""
+    mean = masked_mean(x, mask)
+    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def group_index(group: Tensor) -> tuple[Tensor, int]:
+    """Dense ids 0..K-1 for arbitrary integer group ids, and K."""
+    _, inverse = torch.unique(group, return_inverse=True)
+    return inverse, int(inverse.max()) + 1 if inverse.numel() else 0
+
+
+def group_sum(x: Tensor, group: Tensor) -> Tensor:
+    """[B] -> [B]: the sum of `x` over each element's group."""
+    index, k = group_index(group)
+    totals = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    return totals[index]
+
+
+def group_count(group: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """[B]: the size of each element's group."""
+    return group_sum(torch.ones(group.shape, dtype=dtype, device=group.device), group)
+
+
+def group_mean(x: Tensor, group: Tensor) -> Tensor:
+    """[B] -> [B]: the mean of `x` over each element's group."""
+    return group_sum(x, group) / group_count(group, x.dtype)
+
+
+def group_std(x: Tensor, group: Tensor, singleton: float = 1.0) -> Tensor:
+    """[B] -> [B]: the Bessel-corrected std of `x` within each group; `singleton` for groups of one."""
+    count = group_count(group, x.dtype)
+    centered = x - group_mean(x, group)
+    var = group_sum(centered**2, group) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.sqrt(), torch.full_like(var, singleton))
+
+
+def last_token(mask: Tensor) -> Tensor:
+    """[B, T] bool -> [B, T] bool marking each row's last True position (none for an empty row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).amax(dim=1, keepdim=True)
+    return mask & (positions == last)
+
+
+def broadcast_to_tokens(x: Tensor, mask: Tensor) -> Tensor:
+    """[B] or [B, T] -> [B, T], zero where `mask` is False."""
+    full = x.unsqueeze(1).expand(mask.shape) if x.dim() == 1 else x
+    return torch.where(mask, full, torch.zeros_like(full))
+
+
+def sequence_to_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """[B] outcome rewards -> [B, T], each placed on its sequence's last valid token."""
+    return torch.where(last_token(mask), rewards.unsqueeze(1).expand(mask.shape), torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """G_t = sum_{u >= t, u valid} gamma^(#valid tokens between) rew_u, over valid tokens only; 0 when masked.
+
+    Masked positions neither add reward nor count as a discount step, so padding inside a row is skipped.
+    """
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros_like(token_rewards[:, 0])
+    for t in range(token_rewards.shape[1] - 1, -1, -1):
+        valid = mask[:, t]
+        running = torch.where(valid, token_rewards[:, t] + gamma * running, running)
+        returns[:, t] = torch.where(valid, running, torch.zeros_like(running))
+    return returns
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from sampled-token log-probs (Schulman's k1, k2, k3).
+
+    With d = logprobs - ref_logprobs (clamped to +-LOG_RATIO_CLAMP): k1 = d, k2 = d^2 / 2,
+    k3 = exp(-d) - 1 + d. Derivatives in logprobs: 1, d, 1 - exp(-d).
+    """
+    d = (logprobs - ref_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose 'k1', 'k2' or 'k3'.")
+
+
+def log_ratio(logprobs: Tensor, anchor: Tensor) -> Tensor:
+    """``logprobs - anchor``, clamped to +-LOG_RATIO_CLAMP."""
+    return (logprobs - anchor).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
