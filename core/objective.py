@@ -464,4 +464,10 @@ def _assemble(parts: Mapping[str, Part], options: Mapping[str, Any], preset: str
             f"advantage {advantage.name!r} bootstraps from state values V(s_t), which baseline {baseline.name!r} "
             f"does not provide; use baseline='critic' (a learned value function) or another advantage."
         )
+    if baseline.provides_state_values and not advantage.accepts_state_values:
+        raise ConfigurationError(
+            f"advantage {advantage.name!r} compares sequence rewards with one baseline per sequence, but baseline "
+            f"{baseline.name!r} gives per-token state values V(s_t); use 'gae' or 'diff' with a critic, or a "
+            f"sequence baseline (group_mean, leave_one_out, batch_mean, none)."
+        )
     return Objective(baseline=baseline, advantage=advantage, region=region, options=opts, preset=preset, sources=dict(sources))

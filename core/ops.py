@@ -125,3 +125,30 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tenso
 def log_ratio(logprobs: Tensor, anchor: Tensor) -> Tensor:
     """``logprobs - anchor``, clamped to +-LOG_RATIO_CLAMP."""
     return (logprobs - anchor).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """[B] rewards as given, or the per-sequence sum of [B, T] token rewards over valid tokens."""
+    return rewards if rewards.dim() == 1 else masked_sum(rewards, mask, dim=1)
+
+
+def to_groups(group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Layout for per-group dense work: (gather [K, G_max] row indices, valid [K, G_max], rows [B] -> flat slot).
+
+    ``x[gather]`` gives a padded [K, G_max] block per group (padded slots repeat row 0 and are marked
+    invalid); ``block.flatten()[rows]`` maps a per-slot result back to [B].
+    """
+    index, k = group_index(group)
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=k)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_index = index[order]
+    position = torch.arange(group.numel(), device=group.device) - starts[sorted_index]
+    width = int(counts.max()) if k else 0
+    gather = torch.zeros(k, width, dtype=torch.long, device=group.device)
+    valid = torch.zeros(k, width, dtype=torch.bool, device=group.device)
+    gather[sorted_index, position] = order
+    valid[sorted_index, position] = True
+    rows = torch.empty_like(order)
+    rows[order] = sorted_index * width + position
+    return gather, valid, rows

@@ -81,6 +81,8 @@ class Advantage(Part):
     token_level: ClassVar[bool] = False
     #: True when the estimator bootstraps from V(s_t) and so needs a baseline that provides state values.
     needs_state_values: ClassVar[bool] = False
+    #: False when the estimator works on one baseline per sequence and cannot take V(s_t) ([B, T]).
+    accepts_state_values: ClassVar[bool] = True
     #: The baseline used when the user names none.
     default_baseline: ClassVar[str] = "none"
 
