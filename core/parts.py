@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 from torch import Tensor
@@ -90,15 +90,16 @@ class Advantage(Part):
         raise NotImplementedError
 
 
-@attrs.frozen(kw_only=True, eq=False)
-class RegionOutput:
+class RegionOutput(NamedTuple):
     """A trust region's result: `loss` [B, T] per token (not reduced) and per-token `metrics` [B, T].
 
-    The objective averages each metric over the mask and publishes it as ``region/<key>``.
+    The objective averages each metric over the mask and publishes it as ``region/<key>``. A
+    NamedTuple rather than an attrs class so that ``torch.compile(fullgraph=True)`` traces it; build it
+    with keywords.
     """
 
     loss: Tensor
-    metrics: dict[str, Tensor] = attrs.field(factory=dict)
+    metrics: Mapping[str, Tensor] = {}
 
 
 class TrustRegion(Part):

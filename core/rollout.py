@@ -7,7 +7,7 @@ objective's hot path can trust it. Slicing (`batch[idx]`) keeps that trust and d
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -189,12 +189,14 @@ class Estimate:
         )
 
 
-@attrs.frozen(kw_only=True, eq=False)
-class LossOutput:
-    """Stage 2's result: `loss`, a 0-d tensor to call `.backward()` on, and detached 0-d `metrics`."""
+class LossOutput(NamedTuple):
+    """Stage 2's result: `loss`, a 0-d tensor to call `.backward()` on, and detached 0-d `metrics`.
+
+    A NamedTuple so that ``torch.compile(fullgraph=True)`` traces the loss; read it by name.
+    """
 
     loss: Tensor
-    metrics: dict[str, Tensor] = attrs.field(factory=dict)
+    metrics: dict[str, Tensor]
 
 
 def _take(t: Tensor | None, index: Tensor | slice) -> Tensor | None:
