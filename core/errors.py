@@ -31,8 +31,6 @@ class BatchError(ProximError, ValueError):
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:
-    """A ' Did you mean ...?' suffix naming the closest choices, or '' when none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
-    if not close:
-        return ""
-    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+    """A ' Did you mean ...?' suffix naming the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""

@@ -382,11 +382,16 @@ def _resolve_class(reg: Registry, kind: str, spec: PartSpec) -> type[Any]:
     return cls
 
 
+def _message(exc: Exception) -> str:
+    """An exception's own sentence (attrs validators put extra context after it in ``args``)."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
+
+
 def _construct(cls: type[Part], kind: str, kwargs: Mapping[str, Any]) -> Part:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{kind} {cls.name!r}: {exc}") from exc
+        raise ConfigurationError(f"{kind} {cls.name!r}: {_message(exc)}") from exc
 
 
 def _route(
@@ -414,7 +419,7 @@ def _route(
         try:
             updated[kind] = attrs.evolve(part, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"{kind} {part.name!r} ({origin}): {exc}") from exc
+            raise ConfigurationError(f"{kind} {part.name!r} ({origin}): {_message(exc)}") from exc
     return updated, new_options
 
 
@@ -456,7 +461,7 @@ def _assemble(parts: Mapping[str, Part], options: Mapping[str, Any], preset: str
     try:
         opts = Options(**options)
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"objective option: {exc}") from exc
+        raise ConfigurationError(f"objective option: {_message(exc)}") from exc
     baseline, advantage, region = parts["baseline"], parts["advantage"], parts["region"]
     assert isinstance(baseline, Baseline) and isinstance(advantage, Advantage) and isinstance(region, TrustRegion)
     if advantage.needs_state_values and not baseline.provides_state_values:
