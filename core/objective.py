@@ -225,12 +225,12 @@ class Objective:
         entropy:    [B, T] per-token policy entropy, needed when entropy_coef > 0.
         """
         mask = batch.mask
+        self._check_requires(batch)
         _check_stage_two("logprobs", logprobs, mask)
         opts = self.options
         zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
         anchor = batch.old_logprobs if opts.anchor == "old" else batch.rollout_logprobs
-        if anchor is None:
-            raise BatchError("anchor='rollout' needs Rollout.rollout_logprobs, but the batch has None there.")
+        assert anchor is not None  # guaranteed by _check_requires
         lp = torch.where(mask, logprobs, zero)
         anchor = torch.where(mask, anchor.to(logprobs.dtype), zero).detach()
         adv = estimate.advantages.to(logprobs.dtype)
