@@ -16,7 +16,7 @@ from torch import Tensor
 
 from proxim import aggregation
 from proxim.errors import BatchError, ConfigurationError, UnknownNameError, suggest
-from proxim.ops import broadcast_to_tokens, group_std, kl_estimate, log_ratio, masked_mean, masked_sum, sequence_to_token_rewards
+from proxim.ops import group_index, kl_estimate, log_ratio, masked_mean, masked_sum, sequence_rewards, sequence_to_token_rewards
 from proxim.parts import AXES, Advantage, Baseline, Part, TrustRegion, check_part_instance
 from proxim.penalties import value_loss
 from proxim.registry import PartInfo, Registry, default_registry
@@ -137,13 +137,24 @@ class Objective:
             adv = torch.where(mask, raw.advantages.to(batch.old_logprobs.dtype), torch.zeros((), dtype=batch.old_logprobs.dtype))
             returns = None if raw.returns is None else torch.where(mask, raw.returns.to(adv.dtype), torch.zeros((), dtype=adv.dtype))
             metrics = dict(raw.metrics)
-            metrics.update(self._stage_one_metrics(shaped, adv))
+            metrics.update(self._stage_one_metrics(batch, adv))
             if kl_penalty is not None:
                 metrics["reward/kl_penalty"] = kl_penalty
         return Estimate(advantages=adv, returns=returns, rewards=shaped.rewards, metrics=metrics)
 
-    def _check_requires(self, batch: Rollout) -> None:
-        missing = sorted(f for f in self.requires if getattr(batch, f) is None)
+    def _stage_two_requires(self) -> frozenset[str]:
+        """The Rollout fields `loss` reads (stage 1 may need more, e.g. ``group``)."""
+        needed = set()
+        if self.options.kl_in == "loss" and self.options.kl_coef > 0:
+            needed.add("ref_logprobs")
+        if self.options.anchor == "rollout":
+            needed.add("rollout_logprobs")
+        if self.has_critic and self.options.value_coef > 0:
+            needed.add("values")
+        return frozenset(needed)
+
+    def _check_requires(self, batch: Rollout, fields: frozenset[str] | None = None) -> None:
+        missing = sorted(f for f in (self.requires if fields is None else fields) if getattr(batch, f) is None)
         if missing:
             why = []
             for field in missing:
@@ -198,12 +209,16 @@ class Objective:
         mean = masked_mean(adv, mask)
         count = mask.sum().clamp(min=2).to(adv.dtype)
         std = (masked_sum((adv - mean) ** 2, mask) / (count - 1)).sqrt()
-        seq_rewards = batch.rewards if batch.rewards.dim() == 1 else batch.rewards.sum(dim=1)
+        seq_rewards = sequence_rewards(batch.rewards.to(adv.dtype), mask)
         metrics = {"advantage/mean": mean, "advantage/std": std, "reward/mean": seq_rewards.mean()}
         if batch.group is not None:
-            zero = (group_std(seq_rewards, batch.group, singleton=0.0) == 0).to(adv.dtype)
-            per_group_first = torch.ones_like(zero) / batch.group_sizes().to(adv.dtype)
-            metrics["advantage/zero_std_groups"] = (zero * per_group_first).sum()
+            # A group has zero spread when its largest and smallest rewards are equal: exact, unlike a std
+            # taken around a rounded mean (three rewards of 0.1 have std ~1e-17). Groups of one count.
+            index, k = group_index(batch.group)
+            fill = torch.full((k,), torch.inf, dtype=seq_rewards.dtype, device=seq_rewards.device)
+            high = (-fill).scatter_reduce(0, index, seq_rewards, "amax")
+            low = fill.scatter_reduce(0, index, seq_rewards, "amin")
+            metrics["advantage/zero_std_groups"] = (high == low).sum().to(adv.dtype)
         return metrics
 
     # -- stage 2 --------------------------------------------------------------------------------
@@ -225,7 +240,7 @@ class Objective:
         entropy:    [B, T] per-token policy entropy, needed when entropy_coef > 0.
         """
         mask = batch.mask
-        self._check_requires(batch)
+        self._check_requires(batch, self._stage_two_requires())
         _check_stage_two("logprobs", logprobs, mask)
         opts = self.options
         zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
@@ -325,8 +340,9 @@ def objective(
     ``objective("grpo", eps_high=0.28)``; ``objective(advantage="pairwise", region="quadratic")``;
     ``objective(region=MyRegion(tau=2.0), advantage="group_normalized")``. Overrides are routed to the
     one part (or the objective options) that has a field of that name; qualify as ``"region.eps_low"``
-    (``**{"region.eps_low": 0.1}``) when two parts share a name. With no baseline given, the advantage's
-    `default_baseline` is used; with no region, ``clip``.
+    (``**{"region.eps_low": 0.1}``) when two parts share a name. A preset's parts stay unless replaced
+    (its settings for a replaced axis are dropped). Without a preset: no baseline means the
+    advantage's `default_baseline`, no region means ``clip``.
     """
     reg = registry or default_registry()
     chosen: dict[str, PartSpec] = {"baseline": baseline, "advantage": advantage, "region": region}

@@ -27,6 +27,8 @@ class CISPO(proxim.TrustRegion):
     Hyperparameters: eps_low 1.0 (>= 0; 1.0 means no lower bound, as the paper sets it large),
     eps_high 0.28 (>= 0; Trinity's default; verl clamps to [1 - low, 1 + high] too, TRL caps r at an
     absolute value instead). Shapes [B, T]. Requires nothing.
+    Metrics: clip_fraction_low / clip_fraction_high, the fractions of tokens whose weight is clipped
+    below / above, whatever the sign of A (CISPO clips the weight itself, not one side of the update).
     """
 
     name: ClassVar[str] = "cispo"

@@ -19,10 +19,6 @@ from proxim.plugins._validators import choice, gt, optional
 _DEFAULT_DELTA = {"tv": 0.15, "kl": 0.05}
 
 
-def _default_delta(self: "DivergenceMask") -> float:
-    return _DEFAULT_DELTA[self.divergence]
-
-
 def binary_kl(mu: Tensor, logp: Tensor, log_mu: Tensor) -> Tensor:
     """KL between the two-outcome distributions {sampled token, rest} of mu and pi (verl's 1e-8 guard)."""
     p = logp.exp()
@@ -41,8 +37,9 @@ class DivergenceMask(proxim.TrustRegion):
     detached. Loss values are ratio-valued (-A at the anchor); verl's form -A sg(min(r, C)) M logp has
     the same gradient.
 
-    Hyperparameters: divergence "tv" | "kl"; delta_low, delta_high > 0 (default 0.15 for TV, the paper's
-    stability study; 0.05 for KL); is_cap None (no truncation, the paper's study) or C > 0 (the paper's
+    Hyperparameters: divergence "tv" | "kl"; delta_low, delta_high > 0 or None (None: 0.15 for TV, the
+    paper's stability study; 0.05 for KL, resolved when called, so switching `divergence` by override
+    keeps the right default); is_cap None (no truncation, the paper's study) or C > 0 (the paper's
     scaling runs used 5, verl 20). Shapes [B, T]. Requires nothing; the paper anchors on the rollout
     engine's log-probs (objective option ``anchor="rollout"``).
     Metrics: clip_fraction_high / clip_fraction_low, the masked fractions on the A > 0 / A < 0 side.
@@ -51,21 +48,24 @@ class DivergenceMask(proxim.TrustRegion):
     name: ClassVar[str] = "divergence_mask"
 
     divergence: str = attrs.field(default="tv", validator=choice(("tv", "kl")))
-    delta_low: float = attrs.field(default=attrs.Factory(_default_delta, takes_self=True), validator=gt(0.0))
-    delta_high: float = attrs.field(default=attrs.Factory(_default_delta, takes_self=True), validator=gt(0.0))
+    delta_low: float | None = attrs.field(default=None, validator=optional(gt(0.0)))
+    delta_high: float | None = attrs.field(default=None, validator=optional(gt(0.0)))
     is_cap: float | None = attrs.field(default=None, validator=optional(gt(0.0)))
 
     def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
+        default = _DEFAULT_DELTA[self.divergence]
+        delta_low = default if self.delta_low is None else self.delta_low
+        delta_high = default if self.delta_high is None else self.delta_high
         ratio = ops.log_ratio(logprobs, anchor).exp()
         logp = logprobs.detach()
         p, mu = logp.exp(), anchor.exp()
         if self.divergence == "tv":
-            up = p - mu > self.delta_high
-            down = mu - p > self.delta_low
+            up = p - mu > delta_high
+            down = mu - p > delta_low
         else:
             divergence = binary_kl(mu, logp, anchor)
-            up = (p > mu) & (divergence > self.delta_high)
-            down = (p < mu) & (divergence > self.delta_low)
+            up = (p > mu) & (divergence > delta_high)
+            down = (p < mu) & (divergence > delta_low)
         masked_high = (advantages > 0) & up
         masked_low = (advantages < 0) & down
         keep = (~(masked_high | masked_low)).to(ratio.dtype)
@@ -90,8 +90,6 @@ def proxim_register_presets(register: proxim.Register[proxim.Preset]) -> None:
             settings={
                 "advantage.scale": "none",
                 "region.divergence": "tv",
-                "region.delta_low": 0.15,
-                "region.delta_high": 0.15,
                 "aggregation": "token_mean",
                 "kl_coef": 0.0,
             },

@@ -31,7 +31,7 @@ class Quadratic(proxim.TrustRegion):
     (w stays in [0.92, 1.08]), so the penalty is weak. An inverse reading (delta = 0.08) is plausible;
     the paper's text is ambiguous (ALGORITHMS.md 3.4.6), so try e.g. delta=0.1 too. Shapes [B, T].
     Metrics: clip_fraction_high / clip_fraction_low, the fractions beyond the boundary (w < 0) with
-    A > 0 / A < 0; weight_mean, the mean of w over tokens with A != 0.
+    A > 0 / A < 0; weight_mean, the mean of w over valid tokens (w = 1 where A = 0).
     """
 
     name: ClassVar[str] = "quadratic"
@@ -45,11 +45,10 @@ class Quadratic(proxim.TrustRegion):
         penalty = advantages.abs() * scale * (ratio - 1.0) ** 2 / (2.0 * self.delta)
         shift = (scale * (ratio.detach() - 1.0)) / self.delta
         weight = 1.0 - advantages.sign() * shift
-        active = advantages != 0
         metrics = {
             "clip_fraction_low": (advantages < 0) & (weight < 0),
             "clip_fraction_high": (advantages > 0) & (weight < 0),
-            "weight_mean": weight * active,
+            "weight_mean": weight,
         }
         return proxim.RegionOutput(loss=-advantages * ratio + penalty, metrics=metrics)
 
