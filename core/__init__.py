@@ -25,8 +25,9 @@ from proxim.errors import (
 )
 from proxim.hookspecs import Register, hookimpl
 from proxim.objective import Objective, Options, objective
-from proxim.parts import Advantage, Baseline, Part, Preset, RegionOutput, TrustRegion
+from proxim.parts import Advantage, Baseline, Part, Preference, Preset, RegionOutput, TrustRegion
 from proxim.penalties import AdaptiveKLController, FixedKLController, value_loss
+from proxim.preference import PreferenceObjective
 from proxim.registry import PartInfo, Registry, available, build_registry, default_registry
 from proxim.rollout import Estimate, LossOutput, Rollout
 
@@ -48,6 +49,8 @@ __all__ = [
     "Part",
     "PartInfo",
     "PluginError",
+    "Preference",
+    "PreferenceObjective",
     "Preset",
     "ProximError",
     "Register",

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import pluggy
 
 if TYPE_CHECKING:
-    from proxim.parts import Advantage, Baseline, Preset, TrustRegion
+    from proxim.parts import Advantage, Baseline, Preference, Preset, TrustRegion
     from proxim.tasks import Task
 
 PROJECT = "proxim"
@@ -55,6 +55,11 @@ def proxim_register_presets(register: Register[Preset]) -> None:
 
 
 @hookspec
+def proxim_register_preferences(register: Register[type[Preference]]) -> None:
+    """Register `Preference` subclasses (offline pairwise losses such as DPO): ``register(MyLoss)``."""
+
+
+@hookspec
 def proxim_register_tasks(register: Register[type[Task]]) -> None:
     """Register `proxim.tasks.Task` subclasses (prompt sources with a verifiable reward): ``register(MyTask)``."""
 
@@ -65,5 +70,6 @@ HOOKS = {
     "advantage": "proxim_register_advantages",
     "region": "proxim_register_regions",
     "preset": "proxim_register_presets",
+    "preference": "proxim_register_preferences",
     "task": "proxim_register_tasks",
 }

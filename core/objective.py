@@ -19,6 +19,7 @@ from proxim.errors import BatchError, ConfigurationError, UnknownNameError, sugg
 from proxim.ops import group_index, kl_estimate, log_ratio, masked_mean, masked_sum, sequence_rewards, sequence_to_token_rewards
 from proxim.parts import AXES, Advantage, Baseline, Part, TrustRegion, check_part_instance
 from proxim.penalties import value_loss
+from proxim.preference import PreferenceObjective
 from proxim.registry import PartInfo, Registry, default_registry
 from proxim.rollout import Estimate, LossOutput, Rollout
 
@@ -311,12 +312,25 @@ def _check_stage_two(name: str, t: Tensor, mask: Tensor) -> None:
 
 
 def _region_metrics(per_token: Mapping[str, Tensor], lp: Tensor, anchor: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """Masked means of the region's per-token metrics, and ratio statistics. `lp` and `anchor` are 0 where
+    `mask` is False (as `Objective.loss` passes them), so the log-ratio there is exactly 0.
+
+    Written for the eager hot path (it costs as much as the loss itself on CPU otherwise): one token count,
+    boolean metrics counted as integers (no float copy, no `where`), one `where` for the ratio.
+    """
+    count = mask.sum().clamp(min=1).to(lp.dtype)
+    out: dict[str, Tensor] = {}
+    for key, value in per_token.items():
+        value = value.detach()
+        if value.dtype == torch.bool:
+            out[f"region/{key}"] = (value & mask).sum().to(lp.dtype) / count
+        else:
+            out[f"region/{key}"] = masked_sum(value.to(lp.dtype), mask) / count
     lr = log_ratio(lp, anchor)
-    ratio = lr.exp()
-    out = {f"region/{k}": masked_mean(v.detach().to(lp.dtype), mask) for k, v in per_token.items()}
-    out["region/ratio_mean"] = masked_mean(ratio, mask)
-    out["region/ratio_max"] = torch.where(mask, ratio, torch.zeros_like(ratio)).amax()
-    out["region/approx_kl"] = masked_mean(torch.expm1(lr) - lr, mask)
+    ratio = torch.where(mask, lr.exp(), torch.zeros((), dtype=lp.dtype, device=lp.device))
+    out["region/ratio_mean"] = ratio.sum() / count
+    out["region/ratio_max"] = ratio.amax()
+    out["region/approx_kl"] = (torch.expm1(lr) - lr).sum() / count  # 0 where masked: lr = 0 there
     return out
 
 
@@ -334,7 +348,7 @@ def objective(
     region: PartSpec = None,
     registry: Registry | None = None,
     **overrides: Any,
-) -> Objective:
+) -> Any:
     """Compose an objective from a preset and/or named parts, with hyperparameter overrides.
 
     ``objective("grpo", eps_high=0.28)``; ``objective(advantage="pairwise", region="quadratic")``;
@@ -345,6 +359,17 @@ def objective(
     advantage's `default_baseline`, no region means ``clip``.
     """
     reg = registry or default_registry()
+    if preset is not None and preset not in reg.entries["preset"]:
+        if preset in reg.entries["preference"]:
+            if baseline is not None or advantage is not None or region is not None:
+                raise ConfigurationError(f"{preset!r} is an offline preference loss: it takes no baseline, advantage or region.")
+            return _preference_objective(reg, preset, overrides)
+        known = sorted(reg.entries["preset"])
+        preferences = sorted(reg.entries["preference"])
+        raise UnknownNameError(
+            f"no preset named {preset!r}.{suggest(preset, known + preferences)} Registered presets: {', '.join(known)}. "
+            f"Preference losses: {', '.join(preferences) or '(none)'}."
+        )
     chosen: dict[str, PartSpec] = {"baseline": baseline, "advantage": advantage, "region": region}
     preset_record = reg.get("preset", preset) if preset is not None else None
     if preset_record is None and advantage is None:
@@ -381,6 +406,21 @@ def objective(
         parts, options = _route(parts, options, kept, origin=f"preset {preset!r}")
     parts, options = _route(parts, options, overrides, origin="override")
     return _assemble(parts, options, preset, sources)
+
+
+def _preference_objective(reg: Registry, name: str, overrides: Mapping[str, Any]) -> PreferenceObjective:
+    cls = reg.get("preference", name)
+    fields = cls.hyperparameters()
+    kwargs = {}
+    for key, value in overrides.items():
+        field = key.removeprefix("preference.")
+        if field not in fields:
+            raise UnknownNameError(
+                f"override {key!r}: preference loss {name!r} has no hyperparameter {field!r}.{suggest(field, fields)} "
+                f"Its hyperparameters: {', '.join(fields) or '(none)'}."
+            )
+        kwargs[field] = value
+    return PreferenceObjective(preference=_construct(cls, "preference", kwargs), source=reg.info("preference", name))
 
 
 def _applies(key: str, from_preset: Mapping[str, bool]) -> bool:

@@ -34,6 +34,14 @@ class Part:
     min_group_size: ClassVar[int] = 1
     #: Positional arguments of ``__call__`` after self, for the signature check at registration.
     call_arguments: ClassVar[tuple[str, ...]] = ()
+    #: Properties beyond the universal contract that the part claims and the conformance kit
+    #: (``proxim.testing``) then checks, e.g. ``frozenset({"zero_sum_per_group", "shift_invariant"})``;
+    #: the names and their meaning are listed in ``proxim.testing.PROPERTIES``. Empty by default.
+    properties: ClassVar[frozenset[str]] = frozenset()
+
+    def declared_properties(self) -> frozenset[str]:
+        """The `properties` that hold for these hyperparameter values; override when some depend on them."""
+        return self.properties
 
     @classmethod
     def hyperparameters(cls) -> tuple[str, ...]:
@@ -118,7 +126,24 @@ class TrustRegion(Part):
         raise NotImplementedError
 
 
+class Preference(Part):
+    """An offline preference loss on pairs (DPO and relatives; a fourth registry beside the three axes).
+
+    ``__call__(chosen, rejected) -> [B]`` per-pair loss, where ``chosen = log pi(y_w|x) - log pi_ref(y_w|x)``
+    and ``rejected`` likewise for y_l: the implicit rewards' log-ratios, [B] each (sequence log-probs are
+    sums over response tokens). The objective averages the pairs.
+    """
+
+    kind = "preference"
+    call_arguments = ("chosen", "rejected")
+
+    def __call__(self, chosen: Tensor, rejected: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
 AXES: dict[str, type[Part]] = {"baseline": Baseline, "advantage": Advantage, "region": TrustRegion}
+#: Every kind of part a plugin can register, with its base class.
+PART_KINDS: dict[str, type[Part]] = {**AXES, "preference": Preference}
 
 
 @attrs.frozen(kw_only=True)
@@ -142,7 +167,7 @@ class Preset:
 
 def check_part_class(obj: object, kind: str, plugin: str) -> type[Part]:
     """Raise `PluginError` unless `obj` is a usable part class of `kind`; return it."""
-    base = AXES[kind]
+    base = PART_KINDS[kind]
     where = f"plugin {plugin!r} registered"
     if not isinstance(obj, type):
         hint = f" (pass the class {type(obj).__name__}, not an instance)" if isinstance(obj, Part) else ""
@@ -170,7 +195,7 @@ def check_task_class(obj: object, plugin: str) -> type[Task]:
 
 def check_part_instance(obj: Part, kind: str) -> None:
     """Raise `PluginError` unless an instance given directly to `objective()` is a usable part of `kind`."""
-    base = AXES[kind]
+    base = PART_KINDS[kind]
     if not isinstance(obj, base):
         raise PluginError(f"{kind}= takes a name or a proxim.{base.__name__} instance, got {obj!r}.")
     _check_identity(type(obj), kind, "<instance>")
@@ -203,5 +228,5 @@ def _check_signature(cls: type[Part], kind: str, plugin: str) -> None:
             f"plugin {plugin!r}: {kind} {cls.name!r} must define __call__({expected}); "
             f"{cls.__qualname__}.__call__ has signature {got}."
         ) from None
-    if cls.__call__ is AXES[kind].__call__:
+    if cls.__call__ is PART_KINDS[kind].__call__:
         raise PluginError(f"plugin {plugin!r}: {kind} {cls.name!r} does not implement __call__({expected}).")
