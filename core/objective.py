@@ -130,9 +130,9 @@ class Objective:
         """Per-token advantages [B, T] (and critic returns) for a rollout batch. Runs without grad."""
         self._check_requires(batch)
         with torch.no_grad():
-            shaped, kl_penalty = self._shape_rewards(batch)
+            shaped, totals, kl_penalty = self._shape_rewards(batch)
             self._check_group_sizes(shaped)
-            baseline = self.baseline(shaped)
+            baseline = self.baseline(shaped._with(rewards=totals))
             raw = self.advantage(shaped, baseline)
             mask = batch.mask
             adv = torch.where(mask, raw.advantages.to(batch.old_logprobs.dtype), torch.zeros((), dtype=batch.old_logprobs.dtype))
@@ -167,28 +167,30 @@ class Objective:
                 why.append(f"Rollout.{field} (needed by {', '.join(users)})")
             raise BatchError(f"this objective needs {'; '.join(why)}, but the batch has None there.")
 
-    def _shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor | None]:
-        """Rewards as the advantage wants them ([B, T] or [B]), with KL-in-reward applied."""
+    def _shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor, Tensor | None]:
+        """Rewards as the advantage wants them ([B, T] or [B]) and each sequence's total [B] for the
+        baseline, both with KL-in-reward applied; and the mean KL penalty for the metrics.
+
+        The totals are taken before outcome rewards are placed on tokens, so that a fully masked row's
+        reward still counts in its group's baseline whichever kind of advantage follows.
+        """
         mask = batch.mask
         rewards = batch.rewards.to(batch.old_logprobs.dtype)
+        totals = rewards if rewards.dim() == 1 else masked_sum(rewards, mask, dim=1)
         kl_tokens = None
         if self.options.kl_in == "reward" and self.options.kl_coef > 0:
             assert batch.ref_logprobs is not None  # guaranteed by _check_requires
             kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.options.kl_estimator)
             kl_tokens = self.options.kl_coef * torch.where(mask, kl, torch.zeros_like(kl))
-        if self.advantage.token_level:
-            if rewards.dim() == 1:
-                rewards = sequence_to_token_rewards(rewards, mask)
-            rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
-            if kl_tokens is not None:
-                rewards = rewards - kl_tokens
-        else:
-            if rewards.dim() == 2:
-                rewards = masked_sum(rewards, mask, dim=1)
-            if kl_tokens is not None:
-                rewards = rewards - kl_tokens.sum(dim=1)
-        penalty = None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
-        return batch._with(rewards=rewards), penalty
+            totals = totals - kl_tokens.sum(dim=1)
+        if not self.advantage.token_level:
+            return batch._with(rewards=totals), totals, None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
+        if rewards.dim() == 1:
+            rewards = sequence_to_token_rewards(rewards, mask)
+        rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+        if kl_tokens is not None:
+            rewards = rewards - kl_tokens
+        return batch._with(rewards=rewards), totals, None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
 
     def _check_group_sizes(self, batch: Rollout) -> None:
         for kind, part in self.parts.items():

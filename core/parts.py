@@ -62,8 +62,8 @@ class Baseline(Part):
     """What a reward is compared against.
 
     ``__call__(batch) -> [B]`` (one baseline per sequence) or ``[B, T]`` (one per state, e.g. a critic).
-    ``batch.rewards`` is already shaped for the advantage it feeds: [B] for outcome advantages,
-    [B, T] for token-level ones.
+    ``batch.rewards`` is always [B]: each sequence's total reward (token rewards summed, KL-in-reward
+    applied), whatever kind of advantage follows.
     """
 
     kind = "baseline"

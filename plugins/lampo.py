@@ -27,7 +27,8 @@ class Pairwise(proxim.Advantage):
       A_i  = (1 / Z_i) sum_{j in group(i), j != i} w_ij (x_i - x_j)
       Z_i  = G_i - 1 ("count": zero-sum per group), sum_j w_ij ("weight_sum"), or 1 ("none")
     then optionally divided by the group or batch std of A (``scale``). With equal log-probs and
-    Z = G - 1, A = RLOO / 2. Log-probs are the detached sampling-time ones: A is a constant.
+    Z = G - 1, A = RLOO / 2. Log-probs are the detached sampling-time ones: A is a constant. A pair with a
+    fully masked row (no log-prob evidence) gets the neutral weight 1/2.
 
     Hyperparameters (all unconfirmed by the withdrawn paper): tau 1.0 > 0, length_norm True,
     normalizer "count" | "weight_sum" | "none", scale "none" | "group" | "batch", eps 1e-6 >= 0.
@@ -35,6 +36,7 @@ class Pairwise(proxim.Advantage):
     """
 
     name: ClassVar[str] = "pairwise"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant", "shift_invariant", "zero_sum_per_group", "degenerate_groups_zero", "outcome_broadcast"})
     requires: ClassVar[frozenset[str]] = frozenset({"group"})
     accepts_state_values: ClassVar[bool] = False
 
@@ -44,6 +46,13 @@ class Pairwise(proxim.Advantage):
     scale: str = attrs.field(default="none", validator=choice(("none", "group", "batch")))
     eps: float = attrs.field(default=1e-6, validator=ge(0.0))
 
+    def declared_properties(self) -> frozenset[str]:
+        # Z = sum_j w_ij differs per response, so only the "count" and "none" normalizers sum to zero;
+        # scale="batch" divides by a batch statistic, so groups are no longer independent.
+        dropped = {"zero_sum_per_group"} if self.normalizer == "weight_sum" else set()
+        dropped |= {"group_independent"} if self.scale == "batch" else set()
+        return self.properties - dropped
+
     def __call__(self, batch: proxim.Rollout, baseline: Tensor) -> proxim.Estimate:
         assert batch.group is not None
         x = batch.rewards - baseline
@@ -52,9 +61,11 @@ class Pairwise(proxim.Advantage):
             confidence = confidence / batch.mask.sum(dim=1).clamp(min=1).to(confidence.dtype)
         gather, valid, rows = ops.to_groups(batch.group)
         xg, lg = x[gather], confidence[gather]  # [K, G]
+        empty = ~batch.mask.any(dim=1)[gather]  # a fully masked row carries no log-prob evidence
         pair = valid.unsqueeze(2) & valid.unsqueeze(1) & ~torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
         gap = xg.unsqueeze(2) - xg.unsqueeze(1)  # x_i - x_j
         weight = torch.sigmoid(-torch.sign(gap) * (lg.unsqueeze(2) - lg.unsqueeze(1)) / self.tau)
+        weight = torch.where(empty.unsqueeze(2) | empty.unsqueeze(1), torch.full_like(weight, 0.5), weight)
         weight = torch.where(pair, weight, torch.zeros_like(weight))
         total = (weight * gap).sum(dim=2)
         if self.normalizer == "count":
@@ -64,7 +75,10 @@ class Pairwise(proxim.Advantage):
             total = torch.where(z > 0, total / z.clamp(min=torch.finfo(z.dtype).tiny), torch.zeros_like(total))
         advantages = total.flatten()[rows]
         if self.scale != "none":
-            std = ops.group_std(advantages, batch.group) if self.scale == "group" else advantages.std()
+            if self.scale == "group":
+                std = ops.group_std(advantages, batch.group)
+            else:  # a batch of one has no Bessel std (torch gives NaN and warns); take 1, as group_normalized does
+                std = advantages.std() if advantages.numel() > 1 else torch.ones((), dtype=advantages.dtype, device=advantages.device)
             advantages = torch.where(std + self.eps > 0, advantages / (std + self.eps), torch.zeros_like(advantages))
         return proxim.Estimate(advantages=ops.broadcast_to_tokens(advantages, batch.mask))
 
