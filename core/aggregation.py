@@ -37,13 +37,19 @@ def aggregate(
     max_length: int | None = None,
 ) -> Tensor:
     """Reduce a per-token `loss` [B, T] to a 0-d tensor; `max_length` defaults to T."""
-    denom = default_normalizer(mask, mode) if normalizer is None else normalizer
-    denom = torch.as_tensor(denom, dtype=loss.dtype, device=loss.device).clamp(min=1)
     if mode == "token_mean":
-        return masked_sum(loss, mask) / denom
+        denom = mask.sum() if normalizer is None else normalizer
+        return masked_sum(loss, mask) / torch.as_tensor(denom, dtype=loss.dtype, device=loss.device).clamp(min=1)
+    # Per-row token counts, counted once: the default denominator and seq_mean_token_mean both use them.
+    counts = mask.sum(dim=1) if normalizer is None or mode == "seq_mean_token_mean" else None
+    if normalizer is None:
+        assert counts is not None
+        normalizer = (counts > 0).sum()
+    denom = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device).clamp(min=1)
     row_sums = masked_sum(loss, mask, dim=1)
     if mode == "seq_mean_token_mean":
-        row_sums = row_sums / mask.sum(dim=1).clamp(min=1).to(loss.dtype)
+        assert counts is not None
+        row_sums = row_sums / counts.clamp(min=1).to(loss.dtype)
         return row_sums.sum() / denom
     if mode == "seq_mean_token_sum":
         return row_sums.sum() / denom

@@ -1,4 +1,4 @@
-"""The ``proxim`` command line: ``proxim plugins``, ``proxim train``, ``proxim compare``.
+"""The ``proxim`` command line: ``proxim plugins``, ``proxim check``, ``proxim train``, ``proxim compare``.
 
 Training subcommands live in `proxim.train.cli` and are imported only when used, so that
 ``proxim plugins`` needs nothing beyond the core.
@@ -33,11 +33,28 @@ def _plugins(args: argparse.Namespace) -> int:
     return 1 if broken else 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """Run the conformance kit (``proxim.testing``) on every installed part; non-zero naming each failure."""
+    try:
+        from proxim.testing.runner import check_installed
+    except ImportError as exc:  # the `test` extra (pytest, hypothesis) is not installed
+        print(f"proxim check needs the test extra: pip install 'proxim[test]' ({exc})", file=sys.stderr)
+        return 2
+    return check_installed(args.names, args.kind, max_examples=args.max_examples, device=args.device, verbose=args.verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxim", description="Composable RL objectives for language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     plugins = sub.add_parser("plugins", help="list every plugin, part and preset with its distribution")
     plugins.set_defaults(run=_plugins)
+    check = sub.add_parser("check", help="run the conformance kit on every installed part (needs the test extra)")
+    check.add_argument("names", nargs="*", metavar="NAME", help="check only the parts with these names (default: every part)")
+    check.add_argument("--kind", action="append", choices=("baseline", "advantage", "region", "preference"), help="check only this kind (repeatable)")
+    check.add_argument("--max-examples", type=int, default=None, metavar="N", help="hypothesis examples per check (default 25)")
+    check.add_argument("--device", default=None, help="call the parts on this device, e.g. cuda (default cpu)")
+    check.add_argument("-v", "--verbose", action="store_true", help="list every check run on every part")
+    check.set_defaults(run=_check)
     try:
         from proxim.train.cli import add_subcommands
     except ImportError as exc:  # the `train` extra is not installed

@@ -51,27 +51,43 @@ def group_index(group: Tensor) -> tuple[Tensor, int]:
 
 def group_sum(x: Tensor, group: Tensor) -> Tensor:
     """[B] -> [B]: the sum of `x` over each element's group."""
-    index, k = group_index(group)
-    totals = torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, index, x)
-    return totals[index]
+    return _sum_by(x, *group_index(group))
 
 
 def group_count(group: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """[B]: the size of each element's group."""
-    return group_sum(torch.ones(group.shape, dtype=dtype, device=group.device), group)
+    return _sum_by(torch.ones(group.shape, dtype=dtype, device=group.device), *group_index(group))
 
 
 def group_mean(x: Tensor, group: Tensor) -> Tensor:
-    """[B] -> [B]: the mean of `x` over each element's group."""
-    return group_sum(x, group) / group_count(group, x.dtype)
+    """[B] -> [B]: the mean of `x` over each element's group.
+
+    Taken about each group's largest value, so a group of equal values has exactly that value as its mean
+    (a plain sum / count can miss by an ulp, e.g. three 0.1s, and a z-score then divides that ulp by ~0).
+    """
+    index, k = group_index(group)
+    return _mean_by(x, index, k, _sum_by(torch.ones(group.shape, dtype=x.dtype, device=group.device), index, k))
 
 
 def group_std(x: Tensor, group: Tensor, singleton: float = 1.0) -> Tensor:
     """[B] -> [B]: the Bessel-corrected std of `x` within each group; `singleton` for groups of one."""
-    count = group_count(group, x.dtype)
-    centered = x - group_mean(x, group)
-    var = group_sum(centered**2, group) / (count - 1).clamp(min=1)
+    index, k = group_index(group)
+    count = _sum_by(torch.ones(group.shape, dtype=x.dtype, device=group.device), index, k)
+    centered = x - _mean_by(x, index, k, count)
+    var = _sum_by(centered**2, index, k) / (count - 1).clamp(min=1)
     return torch.where(count > 1, var.sqrt(), torch.full_like(var, singleton))
+
+
+# The group helpers above share one `group_index` (a sort of the ids) per call through these two.
+
+
+def _sum_by(x: Tensor, index: Tensor, k: int) -> Tensor:
+    return torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, index, x)[index]
+
+
+def _mean_by(x: Tensor, index: Tensor, k: int, count: Tensor) -> Tensor:
+    top = torch.full((k,), -torch.inf, dtype=x.dtype, device=x.device).scatter_reduce(0, index, x, "amax")[index]
+    return top + _sum_by(x - top, index, k) / count
 
 
 def last_token(mask: Tensor) -> Tensor:

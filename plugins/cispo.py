@@ -32,6 +32,7 @@ class CISPO(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "cispo"
+    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "bounded_weight", "positively_homogeneous", "tokens_independent"})
 
     eps_low: float = attrs.field(default=1.0, validator=ge(0.0))
     eps_high: float = attrs.field(default=0.28, validator=ge(0.0))

@@ -35,6 +35,7 @@ class Quadratic(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "quadratic"
+    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "positively_homogeneous", "tokens_independent"})
 
     delta: float = attrs.field(default=12.5, validator=gt(0.0))
     mu_weighted: bool = attrs.field(default=True, validator=boolean)
@@ -45,9 +46,10 @@ class Quadratic(proxim.TrustRegion):
         penalty = advantages.abs() * scale * (ratio - 1.0) ** 2 / (2.0 * self.delta)
         shift = (scale * (ratio.detach() - 1.0)) / self.delta
         weight = 1.0 - advantages.sign() * shift
+        beyond = weight < 0
         metrics = {
-            "clip_fraction_low": (advantages < 0) & (weight < 0),
-            "clip_fraction_high": (advantages > 0) & (weight < 0),
+            "clip_fraction_low": (advantages < 0) & beyond,
+            "clip_fraction_high": (advantages > 0) & beyond,
             "weight_mean": weight,
         }
         return proxim.RegionOutput(loss=-advantages * ratio + penalty, metrics=metrics)

@@ -25,6 +25,7 @@ class GroupMeanBaseline(proxim.Baseline):
     """
 
     name: ClassVar[str] = "group_mean"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant", "shift_equivariant"})
     requires: ClassVar[frozenset[str]] = frozenset({"group"})
 
     def __call__(self, batch: proxim.Rollout) -> Tensor:
@@ -50,12 +51,17 @@ class GroupNormalized(proxim.Advantage):
     """
 
     name: ClassVar[str] = "group_normalized"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant", "shift_invariant", "zero_sum_per_group", "degenerate_groups_zero", "outcome_broadcast"})
     requires: ClassVar[frozenset[str]] = frozenset({"group"})
     accepts_state_values: ClassVar[bool] = False
     default_baseline: ClassVar[str] = "group_mean"
 
     scale: str = attrs.field(default="group", validator=choice(("group", "batch", "none")))
     eps: float = attrs.field(default=1e-6, validator=ge(0.0))
+
+    def declared_properties(self) -> frozenset[str]:
+        # scale="batch" divides by a statistic of the whole batch, so groups are no longer independent.
+        return self.properties - {"group_independent"} if self.scale == "batch" else self.properties
 
     def __call__(self, batch: proxim.Rollout, baseline: Tensor) -> proxim.Estimate:
         assert batch.group is not None

@@ -37,6 +37,7 @@ class SequenceClip(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "sequence_clip"
+    properties: ClassVar[frozenset[str]] = frozenset({"value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous"})
 
     eps_low: float = attrs.field(default=3e-4, validator=ge(0.0))
     eps_high: float = attrs.field(default=4e-4, validator=ge(0.0))
@@ -49,7 +50,7 @@ class SequenceClip(proxim.TrustRegion):
         if self.token_level:
             log_s = sequence.detach() + logprobs - logprobs.detach()
         else:
-            log_s = sequence.expand_as(logprobs)
+            log_s = sequence  # [B, 1]: exp and clip once per sequence; broadcasting against A gives [B, T]
         s = log_s.exp()
         low, high = 1.0 - self.eps_low, 1.0 + self.eps_high
         objective = torch.minimum(s * advantages, s.clamp(low, high) * advantages)

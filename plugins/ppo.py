@@ -27,6 +27,7 @@ class NoBaseline(proxim.Baseline):
     """b = 0. Shape [B]. Requires nothing."""
 
     name: ClassVar[str] = "none"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant"})
 
     def __call__(self, batch: proxim.Rollout) -> Tensor:
         return torch.zeros_like(_seq(batch))
@@ -37,6 +38,7 @@ class BatchMeanBaseline(proxim.Baseline):
     """b = mean_j R_j over the whole batch (sequence rewards). Shape [B]. Requires nothing."""
 
     name: ClassVar[str] = "batch_mean"
+    properties: ClassVar[frozenset[str]] = frozenset({"permutation_equivariant"})
 
     def __call__(self, batch: proxim.Rollout) -> Tensor:
         rewards = _seq(batch)
@@ -52,6 +54,7 @@ class CriticBaseline(proxim.Baseline):
     """
 
     name: ClassVar[str] = "critic"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant"})
     requires: ClassVar[frozenset[str]] = frozenset({"values"})
     provides_state_values: ClassVar[bool] = True
 
@@ -69,6 +72,7 @@ class Difference(proxim.Advantage):
     """
 
     name: ClassVar[str] = "diff"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant", "outcome_broadcast"})
 
     def __call__(self, batch: proxim.Rollout, baseline: Tensor) -> proxim.Estimate:
         rewards, mask = batch.rewards, batch.mask
@@ -95,6 +99,7 @@ class GAE(proxim.Advantage):
     """
 
     name: ClassVar[str] = "gae"
+    properties: ClassVar[frozenset[str]] = frozenset({"permutation_equivariant"})
     requires: ClassVar[frozenset[str]] = frozenset({"values"})
     token_level: ClassVar[bool] = True
     needs_state_values: ClassVar[bool] = True
@@ -141,10 +146,15 @@ class Clip(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "clip"
+    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"})
 
     eps_low: float = attrs.field(default=0.2, validator=between(0.0, 1.0, high_open=True))
     eps_high: float | None = attrs.field(default=None, validator=optional(ge(0.0)))
     dual_clip: float | None = attrs.field(default=None, validator=optional(gt(1.0)))
+
+    def declared_properties(self) -> frozenset[str]:
+        # Dual clip caps |g / A| at c for A < 0; without it the weight r of a negative advantage is unbounded.
+        return self.properties | {"bounded_weight"} if self.dual_clip is not None else self.properties
 
     def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
         low = 1.0 - self.eps_low
@@ -170,6 +180,7 @@ class NoRegion(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "none"
+    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "positively_homogeneous", "tokens_independent"})
 
     def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
         return proxim.RegionOutput(loss=-_ratio(logprobs, anchor) * advantages)

@@ -32,6 +32,7 @@ class ReturnToGo(proxim.Advantage):
     """
 
     name: ClassVar[str] = "return_to_go"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant"})
     token_level: ClassVar[bool] = True
 
     gamma: float = attrs.field(default=1.0, validator=between(0.0, 1.0))
@@ -54,6 +55,7 @@ class Whitened(proxim.Advantage):
     """
 
     name: ClassVar[str] = "whitened"
+    properties: ClassVar[frozenset[str]] = frozenset({"permutation_equivariant"})
     token_level: ClassVar[bool] = True
 
     gamma: float = attrs.field(default=1.0, validator=between(0.0, 1.0))

@@ -24,6 +24,7 @@ class LeaveOneOutBaseline(proxim.Baseline):
     """
 
     name: ClassVar[str] = "leave_one_out"
+    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant", "shift_equivariant"})
     requires: ClassVar[frozenset[str]] = frozenset({"group"})
     min_group_size: ClassVar[int] = 2
 

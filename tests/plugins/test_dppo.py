@@ -249,3 +249,16 @@ def test_switching_divergence_by_override_uses_that_divergences_default() -> Non
         grads[divergence] = -grad.item()
     assert grads["tv"] == pytest.approx(0.97 / 0.9, abs=1e-12)  # g = A r, unmasked
     assert grads["kl"] == 0.0
+
+
+def test_default_thresholds_follow_the_paper() -> None:
+    # TV 0.15 (the paper's stability study), KL 0.05; no truncation unless asked. mu = 0.5, A = +1:
+    #   TV: p - mu = 0.149 is kept (g = A r = 1.298), 0.151 is masked.
+    #   KL: p = 0.65 gives D = 0.5 ln(0.5/0.65) + 0.5 ln(0.5/0.35) = 0.0472 < 0.05 (kept, g = 1.3);
+    #       p = 0.66 gives D = 0.5 ln(0.5/0.66) + 0.5 ln(0.5/0.34) = 0.0540 > 0.05 (masked).
+    anchor = torch.full((1, 2), math.log(0.5), dtype=F64)
+    _, g = coefficients(DivergenceMask(), torch.tensor([[math.log(0.649), math.log(0.651)]], dtype=F64), anchor, [[1.0, 1.0]])
+    torch.testing.assert_close(g, torch.tensor([[1.298, 0.0]], dtype=F64), rtol=0, atol=ATOL)
+    _, g = coefficients(DivergenceMask(divergence="kl"), torch.tensor([[math.log(0.65), math.log(0.66)]], dtype=F64), anchor, [[1.0, 1.0]])
+    torch.testing.assert_close(g, torch.tensor([[1.3, 0.0]], dtype=F64), rtol=0, atol=ATOL)
+    assert DivergenceMask().is_cap is None

@@ -1,0 +1,35 @@
+"""proxim.train: the online RL trainer on transformers and accelerate (``proxim train``).
+
+    from proxim.train import TrainConfig, train
+    result = train(TrainConfig(preset="grpo", task="arithmetic", steps=100))
+    print(result.before, result.after, result.run_dir)
+
+Importing this package loads only the configuration; transformers, accelerate and the loop are
+imported on first use of `train`, `Trainer` and the other names below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxim.train.config import TrainConfig
+
+__all__ = ["EvalResult", "RunResult", "Trainer", "TrainConfig", "TrainingError", "compare", "train"]
+
+_LAZY = {
+    "EvalResult": "proxim.train.loop",
+    "RunResult": "proxim.train.loop",
+    "Trainer": "proxim.train.loop",
+    "TrainingError": "proxim.train.loop",
+    "train": "proxim.train.loop",
+    "compare": "proxim.train.compare",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'proxim.train' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

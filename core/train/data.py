@@ -1,0 +1,112 @@
+"""Prompt sources: where each step's prompts and the held-out prompts come from.
+
+A row is a dict with a ``"prompt"`` string and any other columns (``"answer"`` for the built-in tasks);
+every column except the prompt reaches the reward functions as a keyword argument, one value per
+completion. Draws are a pure function of (seed, step, process), so a resumed run sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from proxim.errors import ConfigurationError
+from proxim.tasks import Task
+
+Row = dict[str, Any]
+
+
+class PromptSource(Protocol):
+    def batch(self, step: int, rank: int, world: int, n: int) -> list[Row]:
+        """The `n` prompts process `rank` (of `world`) trains on at `step`."""
+        ...
+
+    def eval_rows(self) -> list[Row]:
+        """The fixed held-out prompts."""
+        ...
+
+
+class TaskSource:
+    """Prompts drawn from a task; the held-out set is the task's and never appears in training."""
+
+    def __init__(self, task: Task, seed: int, eval_size: int | None = None):
+        self.task, self.seed, self.eval_size = task, seed, eval_size
+
+    def batch(self, step: int, rank: int, world: int, n: int) -> list[Row]:
+        rng = random.Random(f"proxim-train-{self.task.name}-{self.seed}-{step}-{rank}")
+        return [{"prompt": e.prompt, "answer": e.answer} for e in self.task.train_examples(rng, n)]
+
+    def eval_rows(self) -> list[Row]:
+        rows = [{"prompt": e.prompt, "answer": e.answer} for e in self.task.eval_set()]
+        return rows[: self.eval_size] if self.eval_size else rows
+
+
+class RowSource:
+    """Prompts from rows (a JSONL file, a list of dicts, a `datasets.Dataset`), reshuffled every pass.
+
+    Without separate held-out rows, the first `eval_size` rows (default 10%, at most 200) are held out.
+    """
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], seed: int, eval_rows: Sequence[Mapping[str, Any]] | None = None, eval_size: int | None = None, origin: str = "prompts"):
+        rows = [_check_row(dict(r), origin, i) for i, r in enumerate(rows)]
+        if eval_rows is None:
+            k = eval_size if eval_size is not None else min(200, len(rows) // 10)
+            eval_rows, rows = rows[:k], rows[k:]
+        else:
+            eval_rows = [_check_row(dict(r), f"{origin} (held-out)", i) for i, r in enumerate(eval_rows)]
+            if eval_size is not None:
+                eval_rows = eval_rows[:eval_size]
+        if not rows:
+            raise ConfigurationError(f"{origin}: no training prompts left after holding out {len(eval_rows)} for evaluation.")
+        self.rows, self.held_out, self.seed = rows, list(eval_rows), seed
+        self._orders: dict[int, list[int]] = {}
+
+    def batch(self, step: int, rank: int, world: int, n: int) -> list[Row]:
+        start = (step * world + rank) * n
+        return [self._at(start + i) for i in range(n)]
+
+    def _at(self, index: int) -> Row:
+        epoch, pos = divmod(index, len(self.rows))
+        order = self._orders.get(epoch)
+        if order is None:
+            order = list(range(len(self.rows)))
+            random.Random(f"proxim-rows-{self.seed}-{epoch}").shuffle(order)
+            self._orders = {epoch: order}
+        return dict(self.rows[order[pos]])
+
+    def eval_rows(self) -> list[Row]:
+        return [dict(r) for r in self.held_out]
+
+
+def _check_row(row: Row, origin: str, index: int) -> Row:
+    if not isinstance(row.get("prompt"), str):
+        raise ConfigurationError(f"{origin}: row {index} has no string 'prompt' field: {row!r}.")
+    return row
+
+
+def read_jsonl(path: str | Path) -> list[Row]:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ConfigurationError(f"{path}:{n}: not JSON: {exc}") from exc
+    return rows
+
+
+def columns(rows: Sequence[Row], repeat: int) -> dict[str, list[Any]]:
+    """Every non-prompt column, each value repeated `repeat` times (one per sampled response)."""
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k != "prompt" and k not in keys)
+    return {k: [r.get(k) for r in rows for _ in range(repeat)] for k in keys}
+
+
+def as_rows(data: Iterable[Mapping[str, Any]]) -> list[Row]:
+    """Rows from any iterable of mappings (a list of dicts, a `datasets.Dataset`)."""
+    return [dict(r) for r in data]

@@ -1,0 +1,132 @@
+"""The embedded default model and tokenizer, built in code (nothing is downloaded), and model loading.
+
+The tokenizer is lossless byte-level: ids 0-255 are the bytes of the UTF-8 text, 256-258 are
+``<pad>``, ``<bos>`` and ``<eos>`` (259 symbols; a `tokenizers` byte-level BPE with no merges). Every
+encoded prompt starts with ``<bos>``; prompts are left-padded for generation.
+
+The tiny model is a transformers Llama (defaults: hidden 128, 2 layers, 4 heads, MLP 512, tied
+embeddings: 0.43 M parameters), built from a seed, so that the same seed gives the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)
+BYTE_VOCAB = 256
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable unicode characters (what ByteLevel pre-tokenizers emit)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def byte_tokenizer() -> Any:
+    """A `PreTrainedTokenizerFast` over bytes: ids 0-255 = bytes, 256 <pad>, 257 <bos>, 258 <eos>; left padding."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    byte_char = _bytes_to_unicode()
+    vocab = {byte_char[b]: b for b in range(BYTE_VOCAB)}
+    for i, token in enumerate(SPECIAL_TOKENS):
+        vocab[token] = BYTE_VOCAB + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left", model_max_length=4096
+    )
+
+
+def tiny_config(hidden_size: int = 128, layers: int = 2, heads: int = 4, max_positions: int = 256) -> Any:
+    """The `LlamaConfig` of the built-in model (MLP width 4 x hidden, tied input/output embeddings)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB + len(SPECIAL_TOKENS),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=BYTE_VOCAB,
+        bos_token_id=BYTE_VOCAB + 1,
+        eos_token_id=BYTE_VOCAB + 2,
+    )
+
+
+def build_tiny_model(config: Any, seed: int) -> Any:
+    """A freshly initialised `LlamaForCausalLM` from `config`; the same seed gives the same weights."""
+    from transformers import LlamaForCausalLM
+
+    devices = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.float()
+
+
+def load_causal_lm(path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """A transformers causal LM from a local directory, in float32 (mixed precision is accelerate's job)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local_dir(path, "model")
+    return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, dtype=torch.float32)
+
+
+def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved beside a model, with left padding and a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
+    _check_local_dir(path, "tokenizer")
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {path} has neither a pad nor an end-of-sequence token; set one and save it again.")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Every token id that ends a response: the tokenizer's EOS and the model's generation_config EOS ids."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif extra is not None:
+        ids.update(int(i) for i in extra)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model names an end-of-sequence token; responses could never end.")
+    return sorted(ids)
+
+
+def _check_local_dir(path: str | os.PathLike[str], what: str) -> None:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"{what} path {str(path)!r} is not a local directory. proxim loads models from disk only "
+            f"(save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir))."
+        )

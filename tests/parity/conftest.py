@@ -1,0 +1,140 @@
+"""Parity with verl 0.9.x and TRL 1.16.x on identical random float64 tensors (docs/parity.md).
+
+The peers live in their own environment (see docs/parity.md for the install lines). Without them every
+test here is skipped with the reason, so the main suite stays green; nothing imports a peer at module
+level. Fixtures:
+
+  core_algos   verl.trainer.ppo.core_algos (skips when verl is absent)
+  actor_config factory for verl's ActorConfig, which every verl policy loss reads its settings from
+  trl_loss     factory calling TRL's real GRPOTrainer._compute_loss through a minimal stub trainer
+
+Random batches and the comparison helpers are in `_helpers.py`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+
+VERL_MISSING = "verl 0.9.x is not installed: parity tests run in the peer environment (docs/parity.md)"
+TRL_MISSING = "trl 1.16.x is not installed: parity tests run in the peer environment (docs/parity.md)"
+
+def _import(name: str, reason: str) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except ImportError as exc:
+        pytest.skip(f"{reason} ({exc})")
+
+
+@pytest.fixture(scope="session")
+def core_algos() -> Any:
+    module = _import("verl.trainer.ppo.core_algos", VERL_MISSING)
+    version = getattr(importlib.import_module("verl"), "__version__", "?")
+    if not str(version).startswith("0.9."):
+        pytest.skip(f"parity is pinned to verl 0.9.x, found {version}")
+    return module
+
+
+@pytest.fixture(scope="session")
+def actor_config(core_algos: Any) -> Callable[..., Any]:
+    from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+
+    def make(loss_mode: str = "vanilla", clip_ratio: float = 0.2, clip_ratio_low: float | None = None,
+             clip_ratio_high: float | None = None, clip_ratio_c: float = 3.0, loss_agg_mode: str = "token-mean",
+             **extra: Any) -> Any:
+        return ActorConfig(
+            strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
+            clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
+            clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
+            policy_loss=PolicyLossConfig(loss_mode=loss_mode), **extra,
+        )
+
+    return make
+
+
+class _Accelerator:
+    num_processes = 1
+    sync_gradients = True
+
+    @staticmethod
+    def gather(x: Any) -> Any:
+        return x
+
+    gather_for_metrics = gather
+
+    @staticmethod
+    def reduce(x: Any, reduction: str = "sum") -> Any:
+        return x
+
+
+@pytest.fixture(scope="session")
+def trl_loss() -> Callable[..., torch.Tensor]:
+    """``trl_loss(loss_type, logprobs, old, advantages, mask, ref=None, beta=0.0, ..., **grpo_config) -> loss``.
+
+    Runs TRL's own ``GRPOTrainer._compute_loss`` (PEERS.md 2.1 harness): the object is made without
+    ``__init__``, the attributes the method reads are set from a real ``GRPOConfig``, and the model call
+    that would produce per-token log-probs returns `logprobs` (a leaf with grad) instead.
+    """
+    trl = _import("trl", TRL_MISSING)
+    if not trl.__version__.startswith("1.16."):
+        pytest.skip(f"the TRL harness is pinned to trl 1.16.x (private attributes), found {trl.__version__}")
+    from trl import GRPOConfig, GRPOTrainer
+
+    outdir = tempfile.mkdtemp(prefix="proxim-parity-")
+
+    def run(loss_type: str, logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+            ref: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
+            use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
+            importance_sampling_level: str = "token", num_items_in_batch: torch.Tensor | None = None,
+            delta: float | None = None, **config: Any) -> torch.Tensor:
+        b, t = mask.shape
+        args = GRPOConfig(
+            output_dir=outdir, bf16=False, report_to="none", use_cpu=True, loss_type=loss_type, beta=beta,
+            epsilon=epsilon, epsilon_high=epsilon_high, use_bias_correction_kl=use_bias_correction_kl,
+            max_completion_length=max_completion_length or t, importance_sampling_level=importance_sampling_level,
+            delta=delta, **config,
+        )
+        trainer = GRPOTrainer.__new__(GRPOTrainer)
+        trainer.args = args
+        trainer.loss_type = args.loss_type
+        trainer.beta = args.beta
+        trainer.epsilon_low = args.epsilon
+        trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        trainer.importance_sampling_level = args.importance_sampling_level
+        trainer.top_entropy_quantile = 1.0
+        trainer.off_policy_mask_threshold = None
+        trainer.use_vllm = False
+        trainer.vllm_importance_sampling_correction = False
+        trainer.model = SimpleNamespace(training=True)
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.max_completion_length = args.max_completion_length
+        trainer._entropy_bonus_enabled = False
+        trainer.aux_loss_enabled = False
+        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        trainer.accelerator = _Accelerator()
+        trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logprobs, torch.zeros_like(logprobs), None)
+        inputs = {
+            "prompt_ids": torch.zeros(b, 1, dtype=torch.long),
+            "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+            "completion_ids": torch.zeros(b, t, dtype=torch.long),
+            "completion_mask": mask.to(torch.long),
+            "advantages": advantages,
+            "old_per_token_logps": old,
+            "num_items_in_batch": mask.sum() if num_items_in_batch is None else num_items_in_batch,
+        }
+        if ref is not None:
+            inputs["ref_per_token_logps"] = ref
+        return trainer._compute_loss(None, inputs)
+
+    return run
