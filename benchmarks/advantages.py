@@ -88,7 +88,7 @@ def loop_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
     """GAE with verl's skipping of masked positions, then whitening over valid tokens (Bessel, eps 1e-8)."""
     rw, vs, ms = rewards.tolist(), values.tolist(), mask.tolist()
     adv = []
-    for row_r, row_v, row_m in zip(rw, vs, ms):
+    for row_r, row_v, row_m in zip(rw, vs, ms, strict=True):
         out, next_value, running = [0.0] * len(row_r), 0.0, 0.0
         for t in range(len(row_r) - 1, -1, -1):
             if row_m[t]:
@@ -96,10 +96,10 @@ def loop_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
                 next_value = row_v[t]
                 out[t] = running
         adv.append(out)
-    flat = [a for row_a, row_m in zip(adv, ms) for a, m in zip(row_a, row_m) if m]
+    flat = [a for row_a, row_m in zip(adv, ms, strict=True) for a, m in zip(row_a, row_m, strict=True) if m]
     mean = sum(flat) / len(flat)
     inv = 1.0 / math.sqrt(sum((a - mean) ** 2 for a in flat) / (len(flat) - 1) + 1e-8)
-    whitened = [[(a - mean) * inv if m else 0.0 for a, m in zip(row_a, row_m)] for row_a, row_m in zip(adv, ms)]
+    whitened = [[(a - mean) * inv if m else 0.0 for a, m in zip(row_a, row_m, strict=True)] for row_a, row_m in zip(adv, ms, strict=True)]
     return torch.tensor(whitened, dtype=torch.float32, device=mask.device)
 
 
@@ -168,9 +168,9 @@ def outcome_cells(core_algos: Any, groups: int, size: int, tokens: int, device: 
         fns: dict[str, Callable[[], torch.Tensor]] = {"proxim": (lambda obj=obj: obj.advantages(rollout).advantages), "Python loop": loop}
         if core_algos is not None:
             index = verl_index(d["group"])
-            for label, fn_name in zip(("verl", "verl vec"), verl_names):
+            for label, fn_name in zip(("verl", "verl vec"), verl_names):  # noqa: B905 - pairwise has no verl names
                 fn = getattr(core_algos, fn_name)
-                fns[label] = lambda fn=fn: fn(d["token_rewards"], d["fmask"], index)[0]
+                fns[label] = lambda fn=fn, index=index: fn(d["token_rewards"], d["fmask"], index)[0]
         check(name, {k: f() for k, f in fns.items()}, mask, atol=1e-4)
         cells.append((name, f"{groups} x {size} (T={tokens})", common.measure(fns, device, repeats, min_time=0.2)))
         print(name, {k: common.fmt_time(v) for k, v in cells[-1][2].items()}, flush=True)
