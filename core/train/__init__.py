@@ -14,7 +14,7 @@ from typing import Any
 
 from proxim.train.config import TrainConfig
 
-__all__ = ["EvalResult", "RunResult", "Trainer", "TrainConfig", "TrainingError", "compare", "train"]
+__all__ = ["EvalResult", "RunResult", "TrainConfig", "Trainer", "TrainingError", "compare", "train"]
 
 _LAZY = {
     "EvalResult": "proxim.train.loop",

@@ -47,8 +47,8 @@ def rng_state() -> dict[str, Any]:
     except ImportError:
         pass
     else:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = (kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached))
     return state
 
 
@@ -70,7 +70,7 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_policy(lm: torch.nn.Module, directory: Path) -> None:
+def save_policy(lm: Any, directory: Path) -> None:
     lm.save_pretrained(str(directory), safe_serialization=True)
 
 
@@ -164,5 +164,5 @@ def load(
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
     rng_file = directory / f"rng_rank{accelerator.process_index}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return dict(json.loads((directory / "state.json").read_text()))

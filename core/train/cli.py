@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-
 from proxim.errors import ConfigurationError, ProximError
-from proxim.train.config import GROUPS, TrainConfig, flag_name, parse_assignments, read_toml
+from proxim.train.config import (
+    GROUPS,
+    TrainConfig,
+    flag_name,
+    parse_assignments,
+    read_toml,
+)
 
 #: Settings that may change when continuing a run (the rest would make it a different run).
 RESUMABLE = ("steps", "quiet", "save_every", "keep_checkpoints", "tracker", "log_samples")

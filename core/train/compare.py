@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-
 from proxim.train.config import TrainConfig
 from proxim.train.loop import RunResult, train
 
@@ -83,6 +82,10 @@ def compare(config: TrainConfig, presets: Sequence[str], name: str | None = None
                 "steps_per_second": result.steps_per_second,
             }
         )
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch, one process writes the comparison
+        return results
     table = compare_table(rows, config.task or "prompts", config.steps)
     if not root.exists():
         root.mkdir(parents=True)

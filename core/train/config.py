@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-
 from proxim.errors import ConfigurationError, suggest
 
 GROUPS = ("objective", "task and rewards", "model", "warm start", "sampling", "optimisation", "run")
@@ -89,6 +88,10 @@ def _convert(kind: str) -> Any:
     return None
 
 
+def _copier(default: list[Any] | dict[str, Any]) -> Any:
+    return lambda: type(default)(default)
+
+
 def _f(
     default: Any,
     help: str,
@@ -103,15 +106,17 @@ def _f(
     metavar: str | None = None,
 ) -> Any:
     assert kind in _KINDS and group in GROUPS
-    meta = dict(help=help, group=group, kind=kind, nullable=nullable, choices=tuple(choices) if choices else None, min=min, min_open=min_open, max=max, metavar=metavar)
+    meta = {
+        "help": help, "group": group, "kind": kind, "nullable": nullable, "choices": tuple(choices) if choices else None,
+        "min": min, "min_open": min_open, "max": max, "metavar": metavar,
+    }
     converter = _convert(kind)
     if nullable and default is not None:
         # None cannot be written in TOML; this field spells it "none" (written so by `to_toml`).
         assert converter is None
         converter = _none_word
     if isinstance(default, (list, dict)):
-        factory = (lambda d: (lambda: type(d)(d)))(default)
-        return attrs.field(factory=factory, validator=_check, converter=converter, metadata=meta)
+        return attrs.field(factory=_copier(default), validator=_check, converter=converter, metadata=meta)
     return attrs.field(default=default, validator=_check, converter=converter, metadata=meta)
 
 
@@ -129,7 +134,7 @@ class TrainConfig:
     baseline: str | None = _f(None, "baseline part by name, replacing the preset's", "objective", "str", nullable=True)
     advantage: str | None = _f(None, "advantage part by name, replacing the preset's", "objective", "str", nullable=True)
     region: str | None = _f(None, "trust-region part by name, replacing the preset's", "objective", "str", nullable=True)
-    set: dict[str, Any] = _f({}, "objective hyperparameter overrides, routed by name: --set kl_coef=0.01 --set region.eps_high=0.28", "objective", "dict", metavar="KEY=VALUE")
+    set: dict[str, Any] = _f({}, "objective hyperparameter overrides, routed by name: --set kl_coef=0.01 --set region.eps_high=0.28", "objective", "dict", metavar="KEY=VALUE")  # noqa: RUF009 - an attrs field with a copied default
     adaptive_kl: bool = _f(False, "adapt kl_coef toward kl_target after each rollout (Ziegler et al. 2019); needs kl_coef > 0", "objective", "bool")
     kl_target: float = _f(6.0, "adaptive KL: target KL per sequence (nats)", "objective", "float", min=0.0, min_open=True)
     kl_horizon: int = _f(10000, "adaptive KL: horizon, in sequences", "objective", "int", min=1)
@@ -139,8 +144,8 @@ class TrainConfig:
     prompts_file: str | None = _f(None, "JSONL file of training prompts ({\"prompt\": ..., \"answer\": ..., other fields}), instead of the task's", "task and rewards", "str", nullable=True)
     eval_prompts_file: str | None = _f(None, "JSONL file of held-out prompts; default: the task's held-out set, or the first eval_size rows of prompts_file", "task and rewards", "str", nullable=True)
     eval_size: int | None = _f(None, "held-out prompts to evaluate before and after training; default the task's (200)", "task and rewards", "int", nullable=True, min=1)
-    rewards: list[str] = _f(["task"], "reward functions: 'task', 'module:function' or 'file.py:function'", "task and rewards", "list[str]", metavar="SPEC")
-    reward_weights: list[float] = _f([], "one weight per reward function (default all 1)", "task and rewards", "list[float]", metavar="W")
+    rewards: list[str] = _f(["task"], "reward functions: 'task', 'module:function' or 'file.py:function'", "task and rewards", "list[str]", metavar="SPEC")  # noqa: RUF009 - an attrs field with a copied default
+    reward_weights: list[float] = _f([], "one weight per reward function (default all 1)", "task and rewards", "list[float]", metavar="W")  # noqa: RUF009 - an attrs field with a copied default
     reward_model: str | None = _f(None, "directory of a transformers sequence-classification reward model (num_labels=1), added to the rewards", "task and rewards", "str", nullable=True)
     reward_model_weight: float = _f(1.0, "weight of the reward model's score", "task and rewards", "float")
 
@@ -227,9 +232,10 @@ class TrainConfig:
             return self.warmstart_steps
         return 600 if self.model is None else 0
 
-    def default_run_name(self, when: str) -> str:
+    def default_run_name(self, when: str, label: str | None = None) -> str:
+        """``<label>-<task>-<when>``; the label defaults to the preset, or the named parts."""
         preset, kwargs = self.objective_spec()
-        label = preset or "-".join(str(kwargs[k]) for k in ("baseline", "advantage", "region") if k in kwargs) or "custom"
+        label = label or preset or "-".join(str(kwargs[k]) for k in ("baseline", "advantage", "region") if k in kwargs) or "custom"
         source = self.task or (Path(self.prompts_file).stem if self.prompts_file else "prompts")
         return f"{label}-{source}-{when}"
 
@@ -274,7 +280,7 @@ class TrainConfig:
 
                 try:
                     load_function(spec)
-                except (ImportError, AttributeError, FileNotFoundError, ValueError) as exc:
+                except (ImportError, AttributeError, TypeError, FileNotFoundError, ValueError) as exc:
                     raise ConfigurationError(str(exc)) from exc
         obj = self.build_objective(reg)
         if self.adaptive_kl and obj.options.kl_coef <= 0:

@@ -110,8 +110,8 @@ class HFGenerator:
 
     name = "hf"
 
-    def __init__(self, lm: torch.nn.Module, tokenizer: Any, eos_ids: Sequence[int], batch_size: int | None = None):
-        self.lm = lm
+    def __init__(self, lm: Any, tokenizer: Any, eos_ids: Sequence[int], batch_size: int | None = None):
+        self.lm: Any = lm
         self.tokenizer = tokenizer
         self.eos_ids = list(eos_ids)
         self.pad_id = int(tokenizer.pad_token_id)
@@ -249,15 +249,14 @@ class VLLMGenerator:
         self.seed = seed
         self.calls = 0
         self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
-        kwargs: dict[str, Any] = dict(
-            model=str(model_dir),
-            tokenizer=str(model_dir),
-            dtype="float32",
-            seed=seed,
-            enforce_eager=True,
-            max_model_len=max_model_len,
-            skip_tokenizer_init=True,
-        )
+        kwargs: dict[str, Any] = {
+            "model": str(model_dir),
+            "tokenizer": str(model_dir),
+            "dtype": "float32",
+            "seed": seed,
+            "enforce_eager": True,
+            "max_model_len": max_model_len,
+        }
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         try:
@@ -267,7 +266,7 @@ class VLLMGenerator:
             self.llm = LLM(**kwargs)
             self.processed = False
 
-    def sync(self, lm: torch.nn.Module) -> None:
+    def sync(self, lm: Any) -> None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in lm.state_dict().items()}
         if self.in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})

@@ -12,7 +12,8 @@ position ``P - 1 + t`` predicts response token ``t``, so the last input token is
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -78,7 +79,7 @@ def _identity(z: Tensor) -> Tensor:
     return z
 
 
-def _split_reproduces_logits(lm: nn.Module) -> bool:
+def _split_reproduces_logits(lm: Any) -> bool:
     """True when ``output_head(decoder(x))`` equals ``lm(x).logits`` (no logit soft-capping or scaling)."""
     decoder = getattr(lm, "get_decoder", lambda: None)()
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
@@ -105,9 +106,9 @@ class PolicyScorer(nn.Module):
     logits for the T response positions are taken and only the log-softmax is chunked.
     """
 
-    def __init__(self, lm: nn.Module, chunk_size: int = 4096):
+    def __init__(self, lm: Any, chunk_size: int = 4096):
         super().__init__()
-        self.lm = lm
+        self.lm: Any = lm
         self.chunk_size = chunk_size
         self.split = _split_reproduces_logits(lm)
 

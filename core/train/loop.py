@@ -31,13 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
-
 import proxim
+import torch
 from proxim.errors import ConfigurationError, ProximError
 from proxim.train import checkpoint as ckpt
 from proxim.train.config import TrainConfig
-from proxim.train.data import PromptSource, RowSource, TaskSource, as_rows, columns, read_jsonl
+from proxim.train.data import (
+    PromptSource,
+    RowSource,
+    TaskSource,
+    as_rows,
+    columns,
+    read_jsonl,
+)
 from proxim.train.rewards import Reward, RewardModel, load_function, score
 
 PLOT_FILE = "plot.png"
@@ -86,7 +92,7 @@ def check_same_across_ranks(values: Sequence[str], what: str) -> None:
         )
 
 
-def _reduce_mean(accelerator: Any, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+def _reduce_mean(accelerator: Any, values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
     """One all-reduce for all metrics (keys are the same on every process); returns Python floats."""
     keys = sorted(values)
     if not keys:
@@ -110,6 +116,26 @@ def _tracker(config: TrainConfig) -> str | None:
     return "tensorboard" if available else None
 
 
+def _cpu_processes() -> bool:
+    """True for a multi-process launch (torchrun's WORLD_SIZE > 1) on a machine without CUDA.
+
+    accelerate only forms a CPU process group (gloo) when told it runs on CPU; `accelerate launch
+    --multi_gpu --num_processes N` or `torchrun --nproc_per_node N` on a CPU-only machine sets the
+    process variables but not that flag, and each process would otherwise train alone.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        return not torch.cuda.is_available()
+    if os.environ.get("MASTER_ADDR") and "ACCELERATE_MIXED_PRECISION" in os.environ and not torch.cuda.is_available():
+        # accelerate's simple launcher: `--num_processes N` without --multi_gpu starts ONE process on CPU
+        print(
+            "proxim: accelerate started a single process. On a machine without GPUs, accelerate launch needs "
+            "--multi_gpu to start several (it then runs them on CPU): accelerate launch --multi_gpu --num_processes 2 -m proxim train",
+            file=sys.stderr,
+        )
+    return False
+
+
 class Trainer:
     """A training run: built from a `TrainConfig`, run with `run()`. See the module docstring."""
 
@@ -131,6 +157,7 @@ class Trainer:
         # Trackers write under <run folder>/tensorboard: the project dir is the folder that holds run folders.
         project_dir = Path(resume).resolve().parent if resume is not None else Path(config.output_dir)
         accelerator = Accelerator(
+            cpu=_cpu_processes(),
             mixed_precision=config.mixed_precision,
             log_with=_tracker(config),
             project_dir=str(project_dir),
@@ -143,6 +170,7 @@ class Trainer:
         # -- everything that can fail without a model, first ------------------------------------
         checked = config.check(self.registry, self.world, custom_rewards=bool(rewards), custom_prompts=prompts is not None)
         self.objective = objective if objective is not None else checked
+        self.objective_given = objective
         self.base_fingerprint = self.objective.fingerprint
         from accelerate.utils import gather_object
 
@@ -154,6 +182,9 @@ class Trainer:
         self.run_dir = self._run_dir(resume)
         self.resuming = resume is not None
         self.progress = not config.quiet and self.is_main
+        self.last_saved = -1
+        self.nonfinite_total = self.nonfinite_streak = 0
+        self.train_time_before = 0.0
 
     # -- setup ----------------------------------------------------------------------------------
     def _prompt_source(self, prompts: Iterable[Mapping[str, Any]] | None, eval_prompts: Iterable[Mapping[str, Any]] | None) -> PromptSource:
@@ -176,7 +207,9 @@ class Trainer:
             if ckpt.latest(run_dir) is None:
                 raise ConfigurationError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}.")
             return run_dir
-        name = [self.config.run_name or self.config.default_run_name(datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))]
+        when = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        label = None if self.objective_given is None else (self.objective_given.preset or "custom")
+        name = [self.config.run_name or self.config.default_run_name(when, label)]
         name = broadcast_object_list(name) if self.world > 1 else name
         run_dir = Path(self.config.output_dir) / name[0]
         if ckpt.latest(run_dir) is not None:
@@ -196,7 +229,6 @@ class Trainer:
         from proxim.train import models
         from proxim.train.generation import HFGenerator, VLLMGenerator
         from proxim.train.logprobs import PolicyScorer, build_critic
-
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training bar
@@ -253,7 +285,7 @@ class Trainer:
         return self.config.prompts_per_step // self.world * self.config.group_size
 
     @property
-    def lm(self) -> torch.nn.Module:
+    def lm(self) -> Any:
         return self.accelerator.unwrap_model(self.policy).lm
 
     def _lr_lambda(self, total: int) -> Callable[[int], float]:
@@ -461,6 +493,8 @@ class Trainer:
                     self.nonfinite_streak = 0
                     norms.append(float(grad_norm))
                 else:
+                    if acc.scaler is not None:  # fp16: the loss scaler skips the step itself and lowers its scale
+                        self.optimizer.step()
                     skipped += 1
                     self.nonfinite_total += 1
                     self.nonfinite_streak += 1
@@ -497,8 +531,7 @@ class Trainer:
         everything = gather_object(records) if self.world > 1 else records
         if self.is_main:
             with open(self.run_dir / f"eval_{label}.jsonl", "w") as fh:
-                for rec in everything:
-                    fh.write(json.dumps(rec) + "\n")
+                fh.writelines(json.dumps(rec) + "\n" for rec in everything)
         n = len(everything)
         flags = [r["correct"] for r in everything if r["correct"] is not None]
         accuracy = sum(flags) / len(flags) if flags and len(flags) == n else None
@@ -583,8 +616,7 @@ class Trainer:
         history = _read_history(metrics_path, start_step) if self.resuming else []
         if self.is_main:
             with open(metrics_path, "w") as fh:
-                for h in history:
-                    fh.write(json.dumps(h) + "\n")
+                fh.writelines(json.dumps(h) + "\n" for h in history)
             if not self.resuming:
                 (self.run_dir / "samples.jsonl").write_text("")
         if self.progress:
@@ -683,8 +715,7 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             with open(self.run_dir / "samples.jsonl", "a") as fh:
-                for s in everything:
-                    fh.write(json.dumps(s) + "\n")
+                fh.writelines(json.dumps(s) + "\n" for s in everything)
         if self.accelerator.log_with:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -765,7 +796,8 @@ def _pct(x: float | None) -> str:
 def summary_table(result: RunResult, label: str) -> str:
     """The before/after held-out table (markdown), with wall time and speed."""
     b, a = result.before, result.after
-    n = (a or b).n if (a or b) else 0
+    shown = a or b
+    n = shown.n if shown is not None else 0
     lines = [
         f"held-out evaluation ({n} prompts, greedy) -- {label}, {result.steps} steps",
         "",

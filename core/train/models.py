@@ -78,8 +78,7 @@ def build_tiny_model(config: Any, seed: int) -> Any:
     """A freshly initialised `LlamaForCausalLM` from `config`; the same seed gives the same weights."""
     from transformers import LlamaForCausalLM
 
-    devices = []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.float()

@@ -8,6 +8,7 @@ with any plotting tool for that.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import struct
@@ -107,7 +108,7 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
-def line_chart(path: str | os.PathLike[str], panels: Sequence[tuple[str, Mapping[str, Series]]], width: int = 900, panel_height: int = 230) -> None:
+def line_chart(path: str | os.PathLike[str], panels: Sequence[tuple[str, Mapping[str, Series]]], width: int = 900, panel_height: int = 230, x_label: str = "step") -> None:
     """Write a PNG with one panel per ``(title, {label: [(x, y), ...]})``; non-finite points are skipped."""
     canvas = Canvas(width, max(1, len(panels)) * panel_height)
     left, right, top, bottom = 70, 20, 26, 30
@@ -132,11 +133,11 @@ def line_chart(path: str | os.PathLike[str], panels: Sequence[tuple[str, Mapping
         pad = 0.05 * (ymax - ymin)
         ymin, ymax = ymin - pad, ymax + pad
 
-        def px(x: float) -> int:
-            return int(round(x0 + 2 + (x - xmin) / (xmax - xmin) * (x1 - x0 - 4)))
+        def px(x: float, x0: int = x0, x1: int = x1, lo: float = xmin, hi: float = xmax) -> int:
+            return round(x0 + 2 + (x - lo) / (hi - lo) * (x1 - x0 - 4))
 
-        def py(y: float) -> int:
-            return int(round(y1 - 2 - (y - ymin) / (ymax - ymin) * (y1 - y0 - 4)))
+        def py(y: float, y0: int = y0, y1: int = y1, lo: float = ymin, hi: float = ymax) -> int:
+            return round(y1 - 2 - (y - lo) / (hi - lo) * (y1 - y0 - 4))
 
         if ymin < 0 < ymax:
             for x in range(x0, x1, 6):
@@ -144,6 +145,7 @@ def line_chart(path: str | os.PathLike[str], panels: Sequence[tuple[str, Mapping
         for label, y in ((_fmt(ymax), y0), (_fmt(ymin), y1 - CHAR_H)):
             canvas.text(x0 - 6 - CHAR_W * len(label), y, label, (60, 60, 60))
         canvas.text(x0, y1 + 8, _fmt(xmin), (60, 60, 60))
+        canvas.text((x0 + x1) // 2 - 2 * CHAR_W, y1 + 8, x_label, (60, 60, 60))
         right_label = _fmt(xmax)
         canvas.text(x1 - CHAR_W * len(right_label), y1 + 8, right_label, (60, 60, 60))
         legend_x = x0 + CHAR_W * (len(title) + 3)
@@ -152,7 +154,7 @@ def line_chart(path: str | os.PathLike[str], panels: Sequence[tuple[str, Mapping
             canvas.rect(legend_x, y_off + 7, legend_x + 10, y_off + 7 + CHAR_H - 2, color, fill=True)
             canvas.text(legend_x + 14, y_off + 6, label, color)
             legend_x += 14 + CHAR_W * (len(label) + 2)
-            for (xa, ya), (xb, yb) in zip(pts, pts[1:]):
+            for (xa, ya), (xb, yb) in itertools.pairwise(pts):
                 canvas.line(px(xa), py(ya), px(xb), py(yb), color)
             if len(pts) == 1:
                 canvas.rect(px(pts[0][0]) - 1, py(pts[0][1]) - 1, px(pts[0][0]) + 1, py(pts[0][1]) + 1, color, fill=True)

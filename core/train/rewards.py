@@ -56,8 +56,10 @@ def load_function(spec: str) -> RewardFn:
         except ImportError as exc:
             raise ImportError(f"reward {spec!r}: cannot import {target!r}: {exc}") from exc
     fn = getattr(module, attr, None)
-    if not callable(fn):
+    if fn is None:
         raise AttributeError(f"reward {spec!r}: {target} has no callable {attr!r}.")
+    if not callable(fn):
+        raise TypeError(f"reward {spec!r}: {target}.{attr} is a {type(fn).__name__}, not a function.")
     return fn
 
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from proxim.tasks import Task
 
 #: Bump when the supervised recipe changes, so old cache entries are not reused.
@@ -107,7 +106,7 @@ def train_supervised(lm: torch.nn.Module, task: Task, tokenizer: Any, eos_id: in
 
 
 def warm_start(
-    lm: torch.nn.Module,
+    lm: Any,
     tokenizer: Any,
     task: Task,
     *,

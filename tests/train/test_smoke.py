@@ -1,0 +1,62 @@
+"""A two-step run of every preset on the tiny model: it trains, logs, checkpoints and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import proxim
+import pytest
+from proxim.train import train
+
+PRESETS = ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "dppo", "drpo", "lampo")
+
+
+def _registered(name: str) -> bool:
+    return name in proxim.available()["preset"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_two_steps(preset: str, tiny_config) -> None:
+    if not _registered(preset):
+        pytest.skip(f"preset {preset!r} is not registered yet")
+    config = tiny_config(preset=preset, save_every=1, log_samples=2)
+    obj = config.build_objective()
+    result = train(config)
+    run = result.run_dir
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        assert math.isfinite(h["loss/total"]), h
+        assert h["optim/skipped"] == 0
+    # a reference model exists exactly when the objective has a KL term; a critic exactly when it has a critic
+    assert ("kl/ref" in history[0]) == ("ref_logprobs" in obj.requires)
+    assert ("loss/value" in history[0]) == (obj.has_critic and obj.options.value_coef > 0)
+    last = run / "checkpoints" / "step_000002"
+    assert (last / "model.safetensors").is_file() and (last / "optimizer.pt").is_file()
+    assert (last / "critic.safetensors").is_file() == obj.has_critic
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.after is not None and result.after.n == 8
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2
+    assert (Path(run) / "config.toml").is_file() and (Path(run) / "model" / "config.json").is_file()
+
+
+def _lowercase(prompts, completions, **batch):
+    return [sum("a" <= ch <= "z" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def test_adaptive_kl_moves_the_coefficient(tiny_config) -> None:
+    """After each rollout, beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al.)."""
+    config = tiny_config(preset="grpo", steps=4, adaptive_kl=True, kl_target=0.01, kl_horizon=10, lr=1e-2)
+    result = train(config, rewards=[_lowercase])
+    history = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    beta = 0.04  # grpo's kl_coef
+    for h in history:  # n = 16 sequences per rollout
+        error = min(max(h["kl/ref_sequence"] / 0.01 - 1, -0.2), 0.2)
+        beta *= 1 + error * 16 / 10
+        assert abs(h["kl/coef"] - beta) < 1e-9
+    assert history[0]["kl/coef"] < 0.04  # policy == reference at the first rollout: KL 0, below target
+    assert max(h["kl/coef"] for h in history[1:]) > history[0]["kl/coef"]  # the policy moved away: beta grows
