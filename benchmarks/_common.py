@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import re
@@ -21,7 +22,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -170,21 +171,6 @@ def verl_actor_config(**kwargs: Any) -> Any:
     return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss=PolicyLossConfig(loss_mode=mode), **kwargs)
 
 
-class _Accelerator:
-    num_processes = 1
-    sync_gradients = True
-
-    @staticmethod
-    def gather(x: Any) -> Any:
-        return x
-
-    gather_for_metrics = gather
-
-    @staticmethod
-    def reduce(x: Any, reduction: str = "sum") -> Any:
-        return x
-
-
 def trl_available() -> bool:
     try:
         with warnings.catch_warnings():
@@ -197,45 +183,28 @@ def trl_available() -> bool:
     return True
 
 
+def _load_peer_module(name: str) -> ModuleType:
+    """``peers/<name>.py`` at the repository root, loaded by file path: the peer harnesses shared with
+    tests/parity live there, outside both, so that benchmarks never import from tests (nor tests from here)."""
+    path = ROOT / "peers" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"proxim_peers_{name}", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+trl_harness = _load_peer_module("trl_harness")  # imports torch only; trl when called
+
+
 def trl_grpo_loss(loss_type: str, mask: torch.Tensor, **config: Any) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
-    """TRL 1.16's ``GRPOTrainer._compute_loss`` on a stub trainer (docs/parity.md); returns
-    ``loss(logprobs, inputs)``. Built once; each call runs only TRL's loss code (metrics included, as in training)."""
+    """TRL 1.16's ``GRPOTrainer._compute_loss`` on a stub trainer (docs/parity.md, peers/trl_harness.py); returns
+    ``loss(logprobs, inputs)``. Built once; each call runs only TRL's loss code (metrics included, as in training).
+    Build `inputs` with ``trl_harness.grpo_inputs``."""
     import tempfile
 
-    from trl import GRPOConfig, GRPOTrainer
-
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="proxim-bench-"), bf16=False, report_to="none",
-                      use_cpu=mask.device.type == "cpu", loss_type=loss_type, max_completion_length=mask.shape[1], **config)
-    trainer = GRPOTrainer.__new__(GRPOTrainer)
-    trainer.args = args
-    trainer.loss_type = args.loss_type
-    trainer.beta = args.beta
-    trainer.epsilon_low = args.epsilon
-    trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-    trainer.importance_sampling_level = args.importance_sampling_level
-    trainer.top_entropy_quantile = 1.0
-    trainer.off_policy_mask_threshold = None
-    trainer.use_vllm = False
-    trainer.vllm_importance_sampling_correction = False
-    trainer.model = SimpleNamespace(training=True)
-    trainer.current_gradient_accumulation_steps = 1
-    trainer.max_completion_length = args.max_completion_length
-    trainer._entropy_bonus_enabled = False
-    trainer.aux_loss_enabled = False
-    trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer.accelerator = _Accelerator()
-    current: dict[str, torch.Tensor] = {}
-    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (current["logps"], current["entropy"], None)
-
-    def loss(logps: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        current["logps"] = logps
-        current.setdefault("entropy", torch.zeros_like(logps.detach()))
-        out = trainer._compute_loss(None, inputs)
-        for series in trainer._metrics["train"].values():  # keep the metric lists from growing
-            series.clear()
-        return out
-
-    return loss
+    return trl_harness.grpo_loss(loss_type, output_dir=tempfile.mkdtemp(prefix="proxim-bench-"),
+                                 use_cpu=mask.device.type == "cpu", max_completion_length=mask.shape[1], **config)
 
 
 def fmt_time(seconds: float | None) -> str:

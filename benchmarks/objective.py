@@ -175,16 +175,7 @@ def cell(name: str, b: int, t: int, device: torch.device, repeats: int, core_alg
     if core_algos is not None and (vf := verl_fn(core_algos, name)) is not None:
         fns["verl"] = gradient_of(lambda lp: vf(lp, x["old"], x["ref"], x["adv"], x["fmask"]), leaf)
     if with_trl and (tf := trl_fn(name, x["mask"])) is not None:
-        trl_inputs = {
-            "prompt_ids": torch.zeros(b, 1, dtype=torch.long, device=device),
-            "prompt_mask": torch.ones(b, 1, dtype=torch.long, device=device),
-            "completion_ids": torch.zeros(b, t, dtype=torch.long, device=device),
-            "completion_mask": x["mask"].long(),
-            "advantages": x["seq_adv"],
-            "old_per_token_logps": x["old"],
-            "ref_per_token_logps": x["ref"],
-            "num_items_in_batch": x["mask"].sum(),
-        }
+        trl_inputs = common.trl_harness.grpo_inputs(x["mask"], x["seq_adv"], x["old"], ref=x["ref"])
         fns["TRL"] = gradient_of(lambda lp: tf(lp, trl_inputs), leaf)
     src = torch.randn(b, t, device=device)
     dst = torch.empty_like(src)

@@ -7,6 +7,7 @@ level. Fixtures:
   core_algos   verl.trainer.ppo.core_algos (skips when verl is absent)
   actor_config factory for verl's ActorConfig, which every verl policy loss reads its settings from
   trl_loss     factory calling TRL's real GRPOTrainer._compute_loss through a minimal stub trainer
+               (the harness itself is peers/trl_harness.py, shared with the benchmarks)
 
 Random batches and the comparison helpers are in `_helpers.py`.
 """
@@ -14,11 +15,11 @@ Random batches and the comparison helpers are in `_helpers.py`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import tempfile
 import warnings
-from collections import defaultdict
 from collections.abc import Callable
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,33 +64,30 @@ def actor_config(core_algos: Any) -> Callable[..., Any]:
     return make
 
 
-class _Accelerator:
-    num_processes = 1
-    sync_gradients = True
-
-    @staticmethod
-    def gather(x: Any) -> Any:
-        return x
-
-    gather_for_metrics = gather
-
-    @staticmethod
-    def reduce(x: Any, reduction: str = "sum") -> Any:
-        return x
+def _load_trl_harness() -> Any:
+    """``peers/trl_harness.py`` at the repository root, loaded by file path. The stub-trainer harness is
+    shared with the benchmarks (benchmarks/_common.py) and lives outside both, so that tests never import
+    from benchmarks (nor benchmarks from tests); it is not part of the package, hence no regular import."""
+    path = Path(__file__).resolve().parents[2] / "peers" / "trl_harness.py"
+    spec = importlib.util.spec_from_file_location("proxim_peers_trl_harness", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
 def trl_loss() -> Callable[..., torch.Tensor]:
     """``trl_loss(loss_type, logprobs, old, advantages, mask, ref=None, beta=0.0, ..., **grpo_config) -> loss``.
 
-    Runs TRL's own ``GRPOTrainer._compute_loss`` (PEERS.md 2.1 harness): the object is made without
-    ``__init__``, the attributes the method reads are set from a real ``GRPOConfig``, and the model call
-    that would produce per-token log-probs returns `logprobs` (a leaf with grad) instead.
+    Runs TRL's own ``GRPOTrainer._compute_loss`` (PEERS.md 2.1 harness, peers/trl_harness.py): the object is
+    made without ``__init__``, the attributes the method reads are set from a real ``GRPOConfig``, and the
+    model call that would produce per-token log-probs returns `logprobs` (a leaf with grad) instead.
     """
     trl = _import("trl", TRL_MISSING)
     if not trl.__version__.startswith("1.16."):
         pytest.skip(f"the TRL harness is pinned to trl 1.16.x (private attributes), found {trl.__version__}")
-    from trl import GRPOConfig, GRPOTrainer
+    harness = _load_trl_harness()
 
     outdir = tempfile.mkdtemp(prefix="proxim-parity-")
 
@@ -98,43 +96,11 @@ def trl_loss() -> Callable[..., torch.Tensor]:
             use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
             importance_sampling_level: str = "token", num_items_in_batch: torch.Tensor | None = None,
             delta: float | None = None, **config: Any) -> torch.Tensor:
-        b, t = mask.shape
-        args = GRPOConfig(
-            output_dir=outdir, bf16=False, report_to="none", use_cpu=True, loss_type=loss_type, beta=beta,
-            epsilon=epsilon, epsilon_high=epsilon_high, use_bias_correction_kl=use_bias_correction_kl,
-            max_completion_length=max_completion_length or t, importance_sampling_level=importance_sampling_level,
-            delta=delta, **config,
+        loss = harness.grpo_loss(
+            loss_type, output_dir=outdir, use_cpu=True, max_completion_length=max_completion_length or mask.shape[1],
+            beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, use_bias_correction_kl=use_bias_correction_kl,
+            importance_sampling_level=importance_sampling_level, delta=delta, **config,
         )
-        trainer = GRPOTrainer.__new__(GRPOTrainer)
-        trainer.args = args
-        trainer.loss_type = args.loss_type
-        trainer.beta = args.beta
-        trainer.epsilon_low = args.epsilon
-        trainer.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
-        trainer.importance_sampling_level = args.importance_sampling_level
-        trainer.top_entropy_quantile = 1.0
-        trainer.off_policy_mask_threshold = None
-        trainer.use_vllm = False
-        trainer.vllm_importance_sampling_correction = False
-        trainer.model = SimpleNamespace(training=True)
-        trainer.current_gradient_accumulation_steps = 1
-        trainer.max_completion_length = args.max_completion_length
-        trainer._entropy_bonus_enabled = False
-        trainer.aux_loss_enabled = False
-        trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        trainer.accelerator = _Accelerator()
-        trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logprobs, torch.zeros_like(logprobs), None)
-        inputs = {
-            "prompt_ids": torch.zeros(b, 1, dtype=torch.long),
-            "prompt_mask": torch.ones(b, 1, dtype=torch.long),
-            "completion_ids": torch.zeros(b, t, dtype=torch.long),
-            "completion_mask": mask.to(torch.long),
-            "advantages": advantages,
-            "old_per_token_logps": old,
-            "num_items_in_batch": mask.sum() if num_items_in_batch is None else num_items_in_batch,
-        }
-        if ref is not None:
-            inputs["ref_per_token_logps"] = ref
-        return trainer._compute_loss(None, inputs)
+        return loss(logprobs, harness.grpo_inputs(mask, advantages, old, ref=ref, num_items_in_batch=num_items_in_batch))
 
     return run
