@@ -7,8 +7,8 @@ adding the KL, entropy and value terms the options ask for. Neither stage touche
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import attrs
 import torch
@@ -22,6 +22,8 @@ from proxim.penalties import value_loss
 from proxim.preference import PreferenceObjective
 from proxim.registry import PartInfo, Registry, default_registry
 from proxim.rollout import Estimate, LossOutput, Rollout
+
+_P = TypeVar("_P", bound=Part)
 
 
 def _choice(*allowed: str) -> Any:
@@ -281,7 +283,7 @@ class Objective:
         metrics["loss/total"] = total.detach()
         return LossOutput(loss=total, metrics=metrics)
 
-    def _value_term(self, values: Tensor | None, batch: Rollout, estimate: Estimate, agg: Any, metrics: dict[str, Tensor]) -> Tensor:
+    def _value_term(self, values: Tensor | None, batch: Rollout, estimate: Estimate, agg: Callable[[Tensor], Tensor], metrics: dict[str, Tensor]) -> Tensor:
         if values is None:
             raise BatchError(
                 f"baseline {self.baseline.name!r} trains a critic (value_coef={self.options.value_coef}): "
@@ -445,7 +447,7 @@ def _message(exc: Exception) -> str:
     return exc.args[0] if exc.args and isinstance(exc.args[0], str) else str(exc)
 
 
-def _construct(cls: type[Part], kind: str, kwargs: Mapping[str, Any]) -> Part:
+def _construct(cls: type[_P], kind: str, kwargs: Mapping[str, Any]) -> _P:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -475,7 +477,7 @@ def _route(
             updated[kind] = part
             continue
         try:
-            updated[kind] = attrs.evolve(part, **kwargs)
+            updated[kind] = attrs.evolve(cast(Any, part), **kwargs)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"{kind} {part.name!r} ({origin}): {_message(exc)}") from exc
     return updated, new_options

@@ -6,7 +6,7 @@ with a chosen (y_w) and a rejected (y_l) response, scored by the policy and a fr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -39,7 +39,7 @@ class PreferenceObjective:
         return f"preference={self.preference.describe()}@{origin}"
 
     def override(self, **overrides: Any) -> PreferenceObjective:
-        return attrs.evolve(self, preference=attrs.evolve(self.preference, **overrides))
+        return attrs.evolve(self, preference=attrs.evolve(cast(Any, self.preference), **overrides))
 
     def __repr__(self) -> str:
         return f"PreferenceObjective({self.preference.describe()})"

@@ -7,7 +7,7 @@ objective's hot path can trust it. Slicing (`batch[idx]`) keeps that trust and d
 
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -149,11 +149,13 @@ class Rollout:
         if self.group is None:
             return torch.ones_like(self.mask[:, 0], dtype=torch.long)
         _, inverse, counts = torch.unique(self.group, return_inverse=True, return_counts=True)
-        return counts[inverse]
+        result: Tensor = counts[inverse]
+        return result
 
     def replace(self, **changes: Tensor | None) -> Rollout:
         """A copy with some fields replaced, validated again."""
-        return attrs.evolve(self, **changes)
+        fields: dict[str, Any] = changes
+        return attrs.evolve(self, **fields)
 
     def _with(self, **changes: Tensor | None) -> Rollout:
         """A copy with fields replaced, not re-validated: for the objective's own reshaping of valid data."""

@@ -19,7 +19,7 @@ from proxim.tasks import Example, Task
 
 
 def _answers(batch: dict[str, Any], n: int, task: str) -> Sequence[str]:
-    answers = batch.get("answer")
+    answers: Sequence[str] | None = batch.get("answer")
     if answers is None or len(answers) != n:
         raise ValueError(f"task {task!r}: its reward needs batch['answer'], one reference answer per completion.")
     return answers

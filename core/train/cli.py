@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from proxim.errors import ConfigurationError, ProximError
@@ -51,7 +51,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
             continue
         meta = a.metadata
         group = groups[meta["group"]]
-        default = a.default.factory() if isinstance(a.default, attrs.Factory) else a.default  # type: ignore[arg-type]
+        raw: Any = a.default
+        # attrs types Factory as a function (it is a class at run time), so isinstance needs the cast.
+        default = raw.factory() if isinstance(raw, cast("type[Any]", attrs.Factory)) else raw
         shown = "none" if default is None else json.dumps(default) if isinstance(default, (list, dict)) else default
         help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")
         kind = meta["kind"]

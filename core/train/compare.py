@@ -28,7 +28,8 @@ def _tail_mean(history: list[dict[str, Any]], key: str, frac: float = 0.1) -> fl
     if not values:
         return None
     k = max(1, int(len(values) * frac))
-    return sum(values[-k:]) / k
+    mean: float = sum(values[-k:]) / k
+    return mean
 
 
 def _fmt(x: float | None, pct: bool = False, digits: int = 3) -> str:

@@ -146,7 +146,8 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, T: int) -> Tensor:
         ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        return self.head(hidden[:, -T:].float()).squeeze(-1)
+        values: Tensor = self.head(hidden[:, -T:].float()).squeeze(-1)
+        return values
 
 
 def build_critic(lm: nn.Module, backbone: nn.Module | None = None) -> ValueModel:

@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import proxim
@@ -45,6 +45,9 @@ from proxim.train.data import (
     read_jsonl,
 )
 from proxim.train.rewards import Reward, RewardModel, load_function, score
+
+if TYPE_CHECKING:
+    from proxim.train.generation import Generator
 
 PLOT_FILE = "plot.png"
 
@@ -165,6 +168,8 @@ class Trainer:
         )
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
+        self.rank: int
+        self.world: int
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.registry = registry or proxim.default_registry()
         # -- everything that can fail without a model, first ------------------------------------
@@ -273,6 +278,7 @@ class Trainer:
             self.policy, self.optimizer = acc.prepare(policy, optimizer)
             self.critic = None
         # -- generator ------------------------------------------------------------------------
+        self.generator: Generator
         if c.generator == "vllm":
             max_len = int(getattr(self.lm.config, "max_position_embeddings", 2048))
             self.generator = VLLMGenerator(source_dir, self.tokenizer, self.eos_ids, c.seed + self.rank, max_len, c.vllm_gpu_memory_utilization)
@@ -403,7 +409,7 @@ class Trainer:
         gen = _to(gen, acc.device)
         t_gen = time.perf_counter() - t0
         prompts = [r["prompt"] for r in rows for _ in range(c.group_size)]
-        batch_cols = columns(rows, c.group_size)
+        batch_cols: dict[str, Any] = columns(rows, c.group_size)
         batch_cols["step"] = step
         totals, parts = score(self.rewards, prompts, gen.completions, batch_cols)
         rewards = torch.tensor(totals, dtype=torch.float32, device=acc.device)
@@ -522,7 +528,7 @@ class Trainer:
         records: list[dict[str, Any]] = []
         if mine:
             gen = self.generator.generate(self._encode(mine), 1, 1.0, 1.0, self.max_new_tokens, greedy=True)
-            cols = columns(mine, 1)
+            cols: dict[str, Any] = columns(mine, 1)
             cols["step"] = -1
             totals, _ = score(self.rewards, [r["prompt"] for r in mine], gen.completions, cols)
             for r, comp, total in zip(mine, gen.completions, totals):

@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -60,7 +60,7 @@ def load_function(spec: str) -> RewardFn:
         raise AttributeError(f"reward {spec!r}: {target} has no callable {attr!r}.")
     if not callable(fn):
         raise TypeError(f"reward {spec!r}: {target}.{attr} is a {type(fn).__name__}, not a function.")
-    return fn
+    return cast(RewardFn, fn)
 
 
 class RewardModel:
