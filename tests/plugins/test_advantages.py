@@ -21,6 +21,8 @@ from proxim.plugins.grpo import GroupMeanBaseline, GroupNormalized
 from proxim.plugins.ppo import NoBaseline
 from proxim.plugins.reinforce_pp import ReturnToGo, Whitened
 
+from stage_one import REWARD, make, per_row, tokens
+
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
 NAN, INF = float("nan"), float("inf")
@@ -38,38 +40,7 @@ RTG = proxim.objective(advantage="return_to_go", region="none")
 WHITENED = proxim.objective(advantage="whitened", region="none")
 WHITENED_BASELINE = proxim.objective(baseline="group_mean", advantage="whitened", region="none")
 
-# Rewards on a grid of 1/20 (not dyadic, so means round) in [-10, 10]; ties are common.
-REWARD = st.integers(-200, 200).map(lambda k: k / 20)
 SCALES = st.sampled_from([0.05, 0.5, 2.0, 3.0, 7.5])
-
-
-def make(rewards: object, group: list[int] | None, mask: object, **extra: torch.Tensor) -> proxim.Rollout:
-    mask = torch.as_tensor(mask, dtype=torch.bool)
-    old = extra.pop("old_logprobs", None)
-    if old is None:
-        old = -0.1 - torch.arange(mask.numel(), dtype=F64).reshape(mask.shape) / 10
-    return proxim.Rollout(
-        old_logprobs=old,
-        mask=mask,
-        rewards=torch.as_tensor(rewards, dtype=F64),
-        group=None if group is None else torch.as_tensor(group, dtype=torch.long),
-        **extra,
-    )
-
-
-def tokens(per_row: list[float], mask: torch.Tensor) -> torch.Tensor:
-    """One value per row over its valid tokens, 0 on masked ones (a loop)."""
-    out = torch.zeros(mask.shape, dtype=F64)
-    for i, value in enumerate(per_row):
-        for t in range(mask.shape[1]):
-            if mask[i, t]:
-                out[i, t] = value
-    return out
-
-
-def per_row(obj: proxim.Objective, batch: proxim.Rollout) -> torch.Tensor:
-    """[B] sequence advantages: the same batch with every token valid, first column."""
-    return obj.advantages(batch.replace(mask=torch.ones_like(batch.mask))).advantages[:, 0]
 
 
 def members(group: list[int]) -> dict[int, list[int]]:
