@@ -44,7 +44,7 @@ from proxim.train.data import (
     columns,
     read_jsonl,
 )
-from proxim.train.rewards import Reward, RewardModel, load_function, score
+from proxim.train.rewards import Reward, RewardFn, RewardModel, load_function, score
 
 if TYPE_CHECKING:
     from proxim.train.generation import Generator
@@ -147,7 +147,7 @@ class Trainer:
         config: TrainConfig,
         *,
         objective: proxim.Objective | None = None,
-        rewards: Sequence[Callable[..., Sequence[float]] | tuple[Callable[..., Sequence[float]], float]] | None = None,
+        rewards: Sequence[RewardFn | tuple[RewardFn, float]] | None = None,
         prompts: Iterable[Mapping[str, Any]] | None = None,
         eval_prompts: Iterable[Mapping[str, Any]] | None = None,
         resume: str | os.PathLike[str] | None = None,
@@ -821,7 +821,7 @@ def train(
     config: TrainConfig | None = None,
     *,
     objective: proxim.Objective | None = None,
-    rewards: Sequence[Callable[..., Sequence[float]] | tuple[Callable[..., Sequence[float]], float]] | None = None,
+    rewards: Sequence[RewardFn | tuple[RewardFn, float]] | None = None,
     prompts: Iterable[Mapping[str, Any]] | None = None,
     eval_prompts: Iterable[Mapping[str, Any]] | None = None,
     resume: str | os.PathLike[str] | None = None,
