@@ -130,7 +130,18 @@ def _run_train(args: argparse.Namespace) -> int:
         return 1
     except (ProximError, LookupError, ValueError, OSError) as exc:
         return _fail("train", exc)
+    finally:
+        _leave_process_group()
     return 128 + result.interrupted if result.interrupted else 0
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, release the process group before the process exits: a rank that exits
+    while gloo still holds it can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _run_compare(args: argparse.Namespace) -> int:
@@ -148,6 +159,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         compare(config, args.presets, name=args.name)
     except (ProximError, LookupError, ValueError, OSError) as exc:
         return _fail("compare", exc)
+    finally:
+        _leave_process_group()
     return 0
 
 

@@ -707,6 +707,7 @@ class Trainer:
             print(table)
         self._finish_trackers()
         self.generator.close()
+        self.accelerator.wait_for_everyone()  # the main process writes the model and table; the others wait
         return result
 
     def _finish_trackers(self) -> None:
