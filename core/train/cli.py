@@ -24,7 +24,7 @@ from proxim.train.config import (
 )
 
 #: Settings that may change when continuing a run (the rest would make it a different run).
-RESUMABLE = ("steps", "quiet", "save_every", "keep_checkpoints", "tracker", "log_samples")
+RESUMABLE = ("steps", "quiet", "save_every", "eval_every", "keep_checkpoints", "tracker", "log_samples")
 
 TRAIN_EPILOG = """examples:
   proxim train                                   GRPO on arithmetic with the built-in tiny model

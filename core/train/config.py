@@ -197,6 +197,7 @@ class TrainConfig:
     run_name: str | None = _f(None, "the run folder's name; default <preset>-<task>-<date>-<time>", "run", "str", nullable=True)
     seed: int = _f(0, "seed of prompts, sampling, shuffling and the built-in model", "run", "int", min=0)
     save_every: int = _f(50, "checkpoint every N steps (0: only at the end and on interruption)", "run", "int", min=0)
+    eval_every: int = _f(0, "also evaluate on the held-out set every N steps, logged as eval/accuracy and eval/mean_reward (0: before and after only)", "run", "int", min=0)
     keep_checkpoints: int = _f(2, "checkpoints kept (oldest deleted)", "run", "int", min=1)
     log_samples: int = _f(4, "completions per step written to samples.jsonl", "run", "int", min=0)
     tracker: str = _f("auto", "accelerate tracker: auto (tensorboard when installed), tensorboard, none", "run", "str", choices=("auto", "tensorboard", "none"))

@@ -665,6 +665,11 @@ class Trainer:
                 reduced = _reduce_mean(acc, metrics)
                 reduced["optim/skipped_total"] = float(self.nonfinite_total)
                 record = {"step": step + 1, **reduced}
+                if c.eval_every and (step + 1) % c.eval_every == 0 and step + 1 < c.steps:
+                    periodic = self.evaluate(f"step_{step + 1:06d}")
+                    record["eval/mean_reward"] = periodic.mean_reward
+                    if periodic.accuracy is not None:
+                        record["eval/accuracy"] = periodic.accuracy
                 history.append(record)
                 self._log(record, samples)
                 kl = reduced.get("kl/ref", reduced.get("region/approx_kl", float("nan")))

@@ -60,3 +60,14 @@ def test_adaptive_kl_moves_the_coefficient(tiny_config) -> None:
         assert abs(h["kl/coef"] - beta) < 1e-9
     assert history[0]["kl/coef"] < 0.04  # policy == reference at the first rollout: KL 0, below target
     assert max(h["kl/coef"] for h in history[1:]) > history[0]["kl/coef"]  # the policy moved away: beta grows
+
+
+def test_eval_every_logs_held_out_numbers_between_before_and_after(tiny_config) -> None:
+    result = train(tiny_config(steps=4, eval_every=2))
+    run = result.run_dir
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert ["eval/accuracy" in h for h in history] == [False, True, False, False]  # step 4 is the "after" evaluation
+    completions = [json.loads(line) for line in (run / "eval_step_000002.jsonl").read_text().splitlines()]
+    assert len(completions) == 8
+    assert history[1]["eval/accuracy"] == sum(c["correct"] for c in completions) / 8
+    assert history[1]["eval/mean_reward"] == pytest.approx(sum(c["reward"] for c in completions) / 8)
