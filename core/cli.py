@@ -1,4 +1,5 @@
-"""The ``proxim`` command line: ``proxim plugins``, ``proxim check``, ``proxim train``, ``proxim compare``.
+"""The ``proxim`` command line: ``proxim plugins``, ``proxim check``, ``proxim train``, ``proxim compare``,
+``proxim sft``, ``proxim reward-model``.
 
 Training subcommands live in `proxim.train.cli` and are imported only when used, so that
 ``proxim plugins`` needs nothing beyond the core.
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
             print(f"proxim {args.command} needs the train extra: pip install 'proxim[train]' ({missing})", file=sys.stderr)
             return 2
 
-        for name in ("train", "compare"):
-            sub.add_parser(name, help=f"(needs pip install 'proxim[train]')").set_defaults(run=_needs_train_extra)
+        for name in ("train", "compare", "sft", "reward-model"):
+            sub.add_parser(name, help="(needs pip install 'proxim[train]')").set_defaults(run=_needs_train_extra)
     else:
         add_subcommands(sub)
     return parser

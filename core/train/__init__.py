@@ -4,6 +4,8 @@
     result = train(TrainConfig(preset="grpo", task="arithmetic", steps=100))
     print(result.before, result.after, result.run_dir)
 
+``train`` with a preference preset (dpo, ipo, hinge) trains offline and returns a `PreferenceRunResult`.
+
 Importing this package loads only the configuration; transformers, accelerate and the loop are
 imported on first use of `train`, `Trainer` and the other names below.
 """
@@ -14,7 +16,7 @@ from typing import Any
 
 from proxim.train.config import TrainConfig
 
-__all__ = ["EvalResult", "RunResult", "TrainConfig", "Trainer", "TrainingError", "compare", "train"]
+__all__ = ["EvalResult", "PreferenceRunResult", "RunResult", "TrainConfig", "Trainer", "TrainingError", "compare", "train"]
 
 _LAZY = {
     "EvalResult": "proxim.train.loop",
@@ -23,6 +25,7 @@ _LAZY = {
     "TrainingError": "proxim.train.loop",
     "train": "proxim.train.loop",
     "compare": "proxim.train.compare",
+    "PreferenceRunResult": "proxim.train.offline",
 }
 
 

@@ -1,4 +1,4 @@
-"""``proxim train`` and ``proxim compare``: argparse subcommands built from `TrainConfig`'s fields.
+"""``proxim train``, ``proxim compare``, ``proxim sft`` and ``proxim reward-model``: argparse subcommands built from `TrainConfig`'s fields.
 
 Importing this module is light (argparse, attrs, the config module): transformers, accelerate and the
 loop are imported only when a subcommand runs, so ``proxim --help`` and ``proxim plugins`` stay fast.
@@ -11,13 +11,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 from proxim.errors import ConfigurationError, ProximError
 from proxim.train.config import (
     GROUPS,
     TrainConfig,
+    field_default,
     flag_name,
     parse_assignments,
     read_toml,
@@ -32,6 +33,8 @@ TRAIN_EPILOG = """examples:
   proxim train --advantage pairwise --region quadratic --set delta=0.5
   proxim train --config run.toml --set kl_coef=0.01
   proxim train --resume runs/grpo-arithmetic-20260101-120000 --steps 300
+  proxim train --preset dpo                      DPO offline on pairs built from the task (or --data pairs.jsonl)
+  proxim train --preset ppo --init runs/sft/model --reward-model runs/rm/model --rewards
   accelerate launch --num_processes 2 -m proxim train --prompts-per-step 32
 """
 
@@ -44,16 +47,14 @@ def _nullable(parse: Any) -> Any:
     return convert
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = (), only: Sequence[str] | None = None) -> None:
     groups = {g: parser.add_argument_group(f"{g} settings") for g in GROUPS}
     for a in attrs.fields(TrainConfig):
-        if a.name in skip:
+        if a.name in skip or (only is not None and a.name not in only):
             continue
         meta = a.metadata
         group = groups[meta["group"]]
-        raw: Any = a.default
-        # attrs types Factory as a function (it is a class at run time), so isinstance needs the cast.
-        default = raw.factory() if isinstance(raw, cast("type[Any]", attrs.Factory)) else raw
+        default = field_default(a.name)
         shown = "none" if default is None else json.dumps(default) if isinstance(default, (list, dict)) else default
         help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")
         kind = meta["kind"]
@@ -164,8 +165,56 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The settings of ``proxim sft`` and ``proxim reward-model`` (the others do not apply to them).
+_MODEL_SETTINGS = ("model", "tokenizer", "trust_remote_code", "tiny_hidden_size", "tiny_layers", "tiny_heads")
+_RUN_SETTINGS = ("output_dir", "run_name", "seed", "quiet", "cache_dir")
+SFT_SETTINGS = (*_MODEL_SETTINGS, *_RUN_SETTINGS, "task", "data", "eval_size", "max_new_tokens", "warmstart_steps", "warmstart_lr", "warmstart_batch_size")
+REWARD_MODEL_SETTINGS = (
+    *SFT_SETTINGS, "init", "preference_prompts", "temperature", "top_p", "steps", "prompts_per_step", "lr", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm",
+)
+
+SFT_EPILOG = """examples:
+  proxim sft                                     the task's answers (the warm start of proxim train), saved as RUN/model
+  proxim sft --data sft.jsonl --task none        {"prompt", "response"} records
+  proxim sft --model path/to/model --data sft.jsonl --warmstart-steps 1000
+"""
+
+REWARD_MODEL_EPILOG = """examples:
+  proxim reward-model                            pairs built from the task; backbone: the warm-started policy
+  proxim reward-model --init runs/sft/model      backbone (and pair sampler): the model of proxim sft
+  proxim reward-model --data pairs.jsonl --init runs/sft/model --task none
+then: proxim train --preset ppo --init runs/sft/model --reward-model RUN/model --rewards
+"""
+
+
+def _run_offline(command: str, run: Any, args: argparse.Namespace, settings: Sequence[str]) -> int:
+    try:
+        config = config_from_args(args, skip=[a.name for a in attrs.fields(TrainConfig) if a.name not in settings])
+        config.check_inputs()
+    except (ProximError, LookupError, ValueError, OSError) as exc:
+        return _fail(command, exc)
+    try:
+        run(config)
+    except (ProximError, LookupError, ValueError, OSError) as exc:
+        return _fail(command, exc)
+    return 0
+
+
+def _run_sft(args: argparse.Namespace) -> int:
+    from proxim.train.sft import sft
+
+    return _run_offline("sft", sft, args, SFT_SETTINGS)
+
+
+def _run_reward_model(args: argparse.Namespace) -> int:
+    from proxim.train.reward_model import train_reward_model
+
+    return _run_offline("reward-model", train_reward_model, args, REWARD_MODEL_SETTINGS)
+
+
 def add_subcommands(subparsers: Any) -> None:
-    """Add ``train`` and ``compare`` to the ``proxim`` command line (`proxim.cli`)."""
+    """Add ``train``, ``compare``, ``sft`` and ``reward-model`` to the ``proxim`` command line (`proxim.cli`)."""
     train = subparsers.add_parser(
         "train",
         help="train a model with an RL objective (default: GRPO on arithmetic, a few minutes on a CPU)",
@@ -193,3 +242,31 @@ def add_subcommands(subparsers: Any) -> None:
     compare.add_argument("--config", metavar="TOML", help="read settings from a TOML file")
     _add_config_flags(compare, skip=("preset", "baseline", "advantage", "region", "run_name"))
     compare.set_defaults(run=_run_compare)
+
+    sft = subparsers.add_parser(
+        "sft",
+        help="supervised fine-tuning on {prompt, response} records (default: the task's answers); saves a model",
+        description="Fine-tune a causal LM on prompt -> response pairs (loss on the response), report the held-out "
+        "loss and task accuracy before and after, and save RUN/model (from_pretrained-loadable, with its tokenizer). "
+        "Without --data it trains on the task's answers: the warm start of proxim train, from the same cache. "
+        "--warmstart-steps, --warmstart-lr and --warmstart-batch-size set the recipe (default 600 steps).",
+        epilog=SFT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sft.add_argument("--config", metavar="TOML", help="read settings from a TOML file")
+    _add_config_flags(sft, only=SFT_SETTINGS)
+    sft.set_defaults(run=_run_sft)
+
+    rm = subparsers.add_parser(
+        "reward-model",
+        help="train a sequence-classification reward model on preference pairs (Bradley-Terry); saves it",
+        description="Train a transformers sequence-classification model (num_labels=1) with the Bradley-Terry loss "
+        "-log sigmoid(r(chosen) - r(rejected)) on {prompt, chosen, rejected} records (default: pairs built from the "
+        "task, as proxim train --preset dpo builds them), report the held-out pairwise accuracy before and after, "
+        "and save RUN/model for proxim train --reward-model. --steps, --prompts-per-step (pairs per step) and --lr set the recipe.",
+        epilog=REWARD_MODEL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rm.add_argument("--config", metavar="TOML", help="read settings from a TOML file")
+    _add_config_flags(rm, only=REWARD_MODEL_SETTINGS)
+    rm.set_defaults(run=_run_reward_model)

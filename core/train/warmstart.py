@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,15 +60,26 @@ def cache_key(task: Task, model_identity: dict[str, Any], steps: int, lr: float,
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: One supervised batch per step: ``batches(step) -> (input_ids, attention_mask, labels)``, each [n, L].
+Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def supervised_batch(task: Task, tokenizer: Any, eos_id: int, rng: random.Random, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask, labels [n, L], right-padded; labels are -100 except on the completion and EOS."""
+    """`n` of the task's training examples as `encode_supervised` tensors: ``prompt -> task.completion(example) <eos>``."""
     examples = task.train_examples(rng, n)
+    return encode_supervised(tokenizer, [(e.prompt, task.completion(e)) for e in examples], eos_id, device)
+
+
+def encode_supervised(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask, labels [n, L] of ``prompt + target + EOS`` per (prompt, target) pair, right-padded;
+    labels are -100 except on the target and EOS."""
     seqs, starts = [], []
-    for e in examples:
-        prompt = tokenizer(e.prompt)["input_ids"]
-        target = tokenizer(task.completion(e), add_special_tokens=False)["input_ids"] + [eos_id]
+    for prompt_text, target_text in pairs:
+        prompt = tokenizer(prompt_text)["input_ids"]
+        target = tokenizer(target_text, add_special_tokens=False)["input_ids"] + [eos_id]
         seqs.append(prompt + target)
         starts.append(len(prompt))
+    n = len(seqs)
     width = max(len(s) for s in seqs)
     ids = torch.full((n, width), int(tokenizer.pad_token_id), dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
@@ -79,20 +91,19 @@ def supervised_batch(task: Task, tokenizer: Any, eos_id: int, rng: random.Random
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def train_supervised(lm: torch.nn.Module, task: Task, tokenizer: Any, eos_id: int, steps: int, lr: float, batch_size: int, seed: int, progress: bool) -> list[float]:
-    """Fine-tune `lm` in place; returns the loss of every step."""
+def train_supervised(lm: torch.nn.Module, batches: Batches, steps: int, lr: float, seed: int, progress: bool, desc: str) -> list[float]:
+    """Fine-tune `lm` in place on `batches(step)` for `steps` steps (AdamW, linear warm-up over 100 steps); returns the loss of every step."""
     from tqdm.auto import tqdm
 
-    device = next(lm.parameters()).device
     optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / 100))
     losses = []
     lm.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bar = tqdm(range(steps), desc=f"warm start ({task.name})", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for step in bar:
-            ids, mask, labels = supervised_batch(task, tokenizer, eos_id, random.Random(f"proxim-warmstart-{seed}-{step}"), batch_size, device)
+            ids, mask, labels = batches(step)
             loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
@@ -126,7 +137,12 @@ def warm_start(
     entry = cache_root(cache_dir) / "warmstart" / f"{task.name}-{key}"
     hit = (entry / "done").is_file()
     if not hit and accelerator.is_main_process:
-        losses = train_supervised(lm, task, tokenizer, int(tokenizer.eos_token_id), steps, lr, batch_size, seed, progress)
+        eos_id, device = int(tokenizer.eos_token_id), next(lm.parameters()).device
+
+        def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return supervised_batch(task, tokenizer, eos_id, random.Random(f"proxim-warmstart-{seed}-{step}"), batch_size, device)
+
+        losses = train_supervised(lm, batches, steps, lr, seed, progress, f"warm start ({task.name})")
         tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
