@@ -124,3 +124,88 @@ def test_policy_scorer_matches_unpadded_forward(split: bool) -> None:
             for t in range(resp_len[i]):
                 want = logp[len(p) - 1 + t, r[t]]
                 assert abs(float(lp[i, t]) - float(want)) < 1e-10
+
+
+def _naive_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = h @ weight.T + (bias if bias is not None else 0.0)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("grads", ["logprobs", "entropy", "both"])
+def test_linear_head_path_equals_naive_in_value_and_gradient(chunk_size: int, with_bias: bool, temperature: float, grads: str) -> None:
+    """An `nn.Linear` head takes the fused path (its own backward): hidden, weight and bias gradients match
+    differentiating the full log-softmax, whichever outputs the loss uses."""
+    g = torch.Generator().manual_seed(2)
+    B, T, H, V = 3, 5, 6, 13
+    head = torch.nn.Linear(H, V, bias=with_bias).double()
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g, dtype=torch.float64))
+        if with_bias:
+            head.bias.copy_(torch.randn(V, generator=g, dtype=torch.float64))
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    coef = torch.randn(B, T, generator=g, dtype=torch.float64)
+    coef_ent = torch.randn(B, T, generator=g, dtype=torch.float64)
+
+    def loss(lp: torch.Tensor, ent: torch.Tensor) -> torch.Tensor:
+        terms = {"logprobs": (lp * coef).sum(), "entropy": (ent * coef_ent).sum()}
+        return terms["logprobs"] + terms["entropy"] if grads == "both" else terms[grads]
+
+    h1 = hidden.clone().requires_grad_()
+    lp, ent = gather_logprobs(h1, head, targets, temperature, chunk_size, entropy=True)
+    assert ent is not None
+    loss(lp, ent).backward()
+    got = (h1.grad, head.weight.grad.clone(), head.bias.grad.clone() if with_bias else None)
+
+    h2 = hidden.clone().requires_grad_()
+    w2 = head.weight.detach().clone().requires_grad_()
+    b2 = head.bias.detach().clone().requires_grad_() if with_bias else None
+    want_lp, want_ent = _naive_linear(h2, w2, b2, targets, temperature)
+    loss(want_lp, want_ent).backward()
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, want_ent, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[0], h2.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], w2.grad, rtol=0, atol=1e-12)
+    if with_bias:
+        assert b2 is not None
+        torch.testing.assert_close(got[2], b2.grad, rtol=0, atol=1e-12)
+
+
+def test_given_logits_path_gradient_equals_naive() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 9, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 9, (2, 4), generator=g)
+    coef = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    z1 = logits.clone().requires_grad_()
+    lp, _ = logprobs_from_logits(z1, targets, 1.3, chunk_size=3)
+    (lp * coef).sum().backward()
+    z2 = logits.clone().requires_grad_()
+    want = torch.log_softmax(z2 / 1.3, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (want * coef).sum().backward()
+    torch.testing.assert_close(lp, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=0, atol=1e-12)
+
+
+def test_linear_head_path_under_float32_matches_float64_reference() -> None:
+    """The trainer's dtype: float32 values and gradients within float32 rounding of a float64 naive reference."""
+    g = torch.Generator().manual_seed(4)
+    B, T, H, V = 4, 8, 16, 300
+    head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=g))
+    hidden = torch.randn(B, T, H, generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    h1 = hidden.clone().requires_grad_()
+    lp, _ = gather_logprobs(h1, head, targets, 1.0, chunk_size=5)
+    lp.sum().backward()
+    h2 = hidden.double().requires_grad_()
+    w2 = head.weight.detach().double().requires_grad_()
+    want, _ = _naive_linear(h2, w2, None, targets, 1.0)
+    want.sum().backward()
+    torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1.grad.double(), h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(head.weight.grad.double(), w2.grad, rtol=1e-4, atol=1e-5)
