@@ -150,24 +150,62 @@ class HFGenerator:
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
             return_dict_in_generate=True,
-            output_scores=not greedy,
             **sampling,
         )
+        recorder = None if greedy else _sampled_logprobs_recorder(temperature, top_p)
         was_training = self.lm.training
         self.lm.eval()
         try:
-            out = self.lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
+            out = self.lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config, logits_processor=[recorder] if recorder else None)
         finally:
             self.lm.train(was_training)
         resp = out.sequences[:, ids.shape[1] :]
         resp_mask, truncated = response_mask(resp, self.eos_ids)
         rollout = None
-        if not greedy:
-            # scores: one [B, V] tensor per generated position, after temperature and top-p (-inf outside the nucleus).
-            scores = torch.stack(out.scores, dim=1).float()
-            rollout = torch.log_softmax(scores, dim=-1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+        if recorder is not None:
+            rollout = recorder.finish(resp)
             rollout = torch.where(resp_mask, rollout, torch.zeros_like(rollout))
         return _finish(ids, mask, resp, resp_mask, truncated, rollout, max_new_tokens, self.pad_id, self.tokenizer)
+
+
+def _sampled_logprobs_recorder(temperature: float, top_p: float) -> Any:
+    """A logits processor that records log pi_sample(token) of each sampled token: the log-softmax of the
+    logits after the same temperature and top-p warpers `generate` samples with.
+
+    It replaces ``output_scores``, which keeps every step's [B, V] scores until the end ([B, T, V] floats:
+    tens of GB for a 128k vocabulary and long responses); this keeps one step's log-softmax, and reads
+    its value at the token sampled from it on the next call (`input_ids[:, -1]`) or in `finish`.
+    Custom processors run before `generate`'s own warpers, so the scores it sees are the raw logits.
+    """
+    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers: list[Any] = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+    class SampledLogprobs(LogitsProcessor):
+        def __init__(self) -> None:
+            self.pending: Tensor | None = None
+            self.taken: list[Tensor] = []
+
+        def _take(self, tokens: Tensor) -> None:
+            if self.pending is not None:
+                self.taken.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+                self.pending = None
+
+        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+            self._take(input_ids[:, -1])  # the token sampled from the previous call's scores (none on the first)
+            z = scores.float()
+            for warp in warpers:
+                z = warp(input_ids, z)
+            self.pending = torch.log_softmax(z, dim=-1)
+            return scores
+
+        def finish(self, response_ids: Tensor) -> Tensor:
+            """[B, T] log-probs of `response_ids` (the generated columns of `generate`'s output)."""
+            if response_ids.shape[1] > len(self.taken):
+                self._take(response_ids[:, len(self.taken)])
+            return torch.stack(self.taken, dim=1) if self.taken else response_ids.new_zeros(response_ids.shape, dtype=torch.float32)
+
+    return SampledLogprobs()
 
 
 def _finish(
