@@ -146,6 +146,91 @@ def sweep(args: argparse.Namespace) -> None:
             print(f"  {run_dir.name}: {status}, {seconds:.0f} s", file=sys.stderr)
 
 
+def trl_sweep(args: argparse.Namespace) -> None:
+    """proxim grpo and TRL GRPO, each seed from the same saved warm start, on this machine, one after the other.
+
+    The warm start of each seed is saved by `proxim sft` (it is `proxim train`'s own warm start), and both
+    trainers start from that directory: proxim with `--init`, TRL through `peers/trl_trainer.py`. Their rows
+    are `grpo_vs_trl` and `trl_grpo`.
+    """
+    for seed in args.seeds:
+        sft_dir = args.output_dir / ".sft" / f"seed{seed}"
+        if not (sft_dir / "model" / "config.json").is_file():
+            subprocess.run([sys.executable, "-m", "proxim", "sft", "--seed", str(seed), "--output-dir", str(sft_dir.parent),
+                            "--run-name", sft_dir.name, "--quiet"], check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+        proxim_run = args.output_dir / f"grpo_vs_trl-seed{seed}"
+        if curve(proxim_run) is None:
+            cmd = [*train_command("grpo", seed, args), "--init", str(sft_dir / "model"), "--run-name", proxim_run.name]
+            print(f"  {proxim_run.name}: {run_one(cmd, proxim_run, args.threads, float('inf'))[1]}", file=sys.stderr)
+        trl_run = args.output_dir / f"trl_grpo-seed{seed}"
+        if curve(trl_run) is None:
+            cmd = [sys.executable, __file__, "--trl-child", json.dumps({"seed": seed, "steps": args.steps, "eval_every": args.eval_every,
+                                                                         "model": str(sft_dir / "model"), "run_dir": str(trl_run)})]
+            print(f"  {trl_run.name}: {run_one(cmd, trl_run, args.threads, float('inf'))[1]}", file=sys.stderr)
+
+
+def trl_child(spec: dict[str, Any]) -> None:
+    """One TRL GRPO run with proxim grpo's default settings, evaluated like proxim's runs (same generator, greedy,
+    the task's held-out set), written in proxim's run-folder format (eval.json, metrics.jsonl) for `collect`."""
+    import warnings
+
+    import proxim
+    import torch
+    from proxim.train import models
+    from proxim.train.config import TrainConfig
+    from proxim.train.data import TaskSource
+    from proxim.train.generation import HFGenerator
+    from transformers import TrainerCallback
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    defaults = TrainConfig()
+    grpo = proxim.objective("grpo")
+    task = proxim.default_registry().get("task", defaults.task)()
+    source = TaskSource(task, spec["seed"])
+    rows = [row for step in range(spec["steps"]) for row in source.batch(step, 0, 1, defaults.prompts_per_step)]
+    held_out = source.eval_rows()
+    run_dir = Path(spec["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    evals: dict[str, Any] = {}
+
+    def evaluate(model: Any, tokenizer: Any) -> float:
+        generator = HFGenerator(model, tokenizer, models.eos_ids(tokenizer, model))
+        prompt_ids = [list(ids) for ids in tokenizer([r["prompt"] for r in held_out])["input_ids"]]
+        gen = generator.generate(prompt_ids, 1, 1.0, 1.0, defaults.resolved_max_new_tokens(task), greedy=True)
+        return sum(task.correct(c, r["answer"]) for c, r in zip(gen.completions, held_out)) / len(held_out)
+
+    def record(step: int, accuracy: float | None) -> None:
+        with open(run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **({"eval/accuracy": accuracy} if accuracy is not None else {})}) + "\n")
+
+    class HeldOut(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None, **_: Any) -> None:
+            evals["before"] = {"accuracy": evaluate(model, processing_class)}
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None, **_: Any) -> None:
+            step = state.global_step
+            periodic = step % spec["eval_every"] == 0 and step < spec["steps"]
+            record(step, evaluate(model, processing_class) if periodic else None)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, processing_class: Any = None, **_: Any) -> None:
+            evals["after"] = {"accuracy": evaluate(model, processing_class)}
+            (run_dir / "eval.json").write_text(json.dumps(evals, indent=2))
+
+    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
+        return task.reward(prompts, completions, answer=answer)
+
+    peer = _common._load_peer_module("trl_trainer")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = peer.grpo_trainer(
+            spec["model"], rows, reward, output_dir=str(run_dir / "trl"), group_size=defaults.group_size,
+            prompts_per_step=defaults.prompts_per_step, steps=spec["steps"], max_new_tokens=defaults.resolved_max_new_tokens(task),
+            lr=defaults.lr, beta=grpo.options.kl_coef, temperature=defaults.temperature, seed=spec["seed"], callbacks=[HeldOut()],
+        )
+        trainer.train()
+
+
 def record_sweep(args: argparse.Namespace, seconds: float) -> None:
     """Write where and how the runs were made into output_dir/sweep.json, for the docs (also after --collect)."""
     import torch
@@ -176,7 +261,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 presets, 1 seed, 10 steps on a tiny model: a smoke run")
     p.add_argument("--no-write", action="store_true", help="print the table only; leave docs/ alone")
     p.add_argument("train_args", nargs="*", help="more `proxim train` flags, after --")
+    p.add_argument("--trl-child", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.trl_child:
+        trl_child(json.loads(args.trl_child))
+        return
     if args.quick:
         args.presets = args.presets or ["grpo", "rloo"]
         args.seeds, args.steps, args.eval_every = args.seeds[:1], 10, 5
@@ -188,10 +277,7 @@ def main() -> None:
         sweep(args)
         record_sweep(args, time.perf_counter() - started)
         if args.trl:
-            from peers.trl_trainer import train_grpo_learning_curve
-
-            for seed in args.seeds:
-                train_grpo_learning_curve(seed=seed, steps=args.steps, eval_every=args.eval_every, run_dir=args.output_dir / f"trl_grpo-seed{seed}", extra=args.train_args)
+            trl_sweep(args)
     results = collect(args.output_dir)
     if not results:
         raise SystemExit(f"no finished run under {args.output_dir}")

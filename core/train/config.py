@@ -176,6 +176,7 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature; the same temperature scales the logits when scoring log-probs", "sampling", "float", min=0.0, min_open=True)
     top_p: float = _f(1.0, "nucleus sampling threshold", "sampling", "float", min=0.0, min_open=True, max=1.0)
     max_new_tokens: int | None = _f(None, "response length limit in tokens; default the task's (64 for prompts files)", "sampling", "int", nullable=True, min=1)
+    old_logprobs: str = _f("recompute", "old log-probs (the trust region's anchor, stage 1's KL): recompute (a policy forward after sampling) or sampler (the generator's own, recorded while sampling: one forward pass less per step; needs top_p=1)", "sampling", "str", choices=("recompute", "sampler"))
     generator: str = _f("hf", "hf (transformers generate) or vllm (needs vLLM installed)", "sampling", "str", choices=("hf", "vllm"))
     generation_batch_size: int | None = _f(None, "hf generator: sequences per generate call; default all at once", "sampling", "int", nullable=True, min=1)
     vllm_gpu_memory_utilization: float = _f(0.3, "vllm generator on GPU: fraction of GPU memory for the engine", "sampling", "float", min=0.0, min_open=True, max=1.0)
@@ -296,6 +297,11 @@ class TrainConfig:
             raise ConfigurationError("the reward 'task' needs a task; name one, or list your own reward functions.")
         if self.adaptive_kl and self.set.get("kl_coef", self.set.get("objective.kl_coef")) == 0:
             raise ConfigurationError("adaptive_kl needs kl_coef > 0 (it adapts that coefficient).")
+        if self.old_logprobs == "sampler" and self.top_p < 1.0:
+            raise ConfigurationError(
+                f"old_logprobs='sampler' needs top_p=1 (got {self.top_p}): with a nucleus the sampler's log-probs are renormalised "
+                "over it and are not the policy's; use old_logprobs='recompute'."
+            )
         if self.generator == "vllm":
             from proxim.train.generation import vllm_available
 

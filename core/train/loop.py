@@ -433,8 +433,14 @@ class Trainer:
         B = len(totals)
         unwrapped = acc.unwrap_model(self.policy)
         old, ref, values = [], [], []
+        sampled = c.old_logprobs == "sampler"
+        if sampled:
+            if gen.rollout_logprobs is None:
+                raise TrainingError(f"old_logprobs='sampler': the {c.generator} generator reported no log-probs for this sampling setting; use old_logprobs='recompute'.")
+            old.append(gen.rollout_logprobs.float())
         for idx in self._chunks(B):
-            old.append(self._score(unwrapped, gen, idx, grad=False)[0])
+            if not sampled:
+                old.append(self._score(unwrapped, gen, idx, grad=False)[0])
             if self.reference is not None:
                 ref.append(self._score(self.reference, gen, idx, grad=False)[0])
             if self.critic is not None:

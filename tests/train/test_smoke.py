@@ -71,3 +71,24 @@ def test_eval_every_logs_held_out_numbers_between_before_and_after(tiny_config) 
     assert len(completions) == 8
     assert history[1]["eval/accuracy"] == sum(c["correct"] for c in completions) / 8
     assert history[1]["eval/mean_reward"] == pytest.approx(sum(c["reward"] for c in completions) / 8)
+
+
+def test_sampler_old_logprobs_equal_a_recomputed_forward(tiny_config) -> None:
+    """--old-logprobs sampler: the generator's recorded log-probs stand in for the policy forward after sampling."""
+    import torch
+    from proxim.train.loop import Trainer
+
+    trainer = Trainer(tiny_config(old_logprobs="sampler", warmstart_steps=20))
+    trainer._build(None)
+    gen, batch, _, _ = trainer._rollout(0)
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    recomputed = torch.cat([trainer._score(policy, gen, idx, grad=False)[0] for idx in trainer._chunks(batch.batch_size)])
+    mask = batch.mask
+    assert bool(mask.any())
+    torch.testing.assert_close(batch.old_logprobs[mask], recomputed[mask], rtol=0, atol=1e-5)
+    assert bool((batch.old_logprobs[~mask] == 0).all())
+
+
+def test_sampler_old_logprobs_refuse_a_nucleus(tiny_config) -> None:
+    with pytest.raises(proxim.ConfigurationError, match="old_logprobs='sampler' needs top_p=1"):
+        tiny_config(old_logprobs="sampler", top_p=0.9).check()
