@@ -1,12 +1,17 @@
 """Benchmark 1: stage 2 (loss forward + backward) of grpo, ppo (policy part), dppo, drpo and gspo.
 
 For each objective and size (B, T), times in one process, round-robin:
-  hand      a minimal hand-written torch expression of the same math (the yardstick)
-  proxim    ``obj.loss(logprobs, batch, estimate).loss`` then the gradient, eager
-  compiled  the same under ``torch.compile(obj.loss, fullgraph=True)`` (compile time reported separately)
+  hand      a minimal hand-written torch expression of the same math (the yardstick; no metrics)
+  proxim    ``obj.loss(logprobs, batch, estimate).loss`` then the gradient, eager, with its metrics (the
+            default, what the trainer calls every minibatch)
+  proxim -m the same with ``metrics=False`` (loss terms only: the same loss and gradient, no diagnostics)
+  compiled  proxim under ``torch.compile(obj.loss, fullgraph=True)`` (compile time reported separately),
+            with metrics and with ``metrics=False`` (compiled -m)
   verl      verl 0.9's functions as its actor composes them (policy loss [+ kl_penalty + agg_loss])
   TRL       TRL 1.16's ``GRPOTrainer._compute_loss`` (stub trainer; its metric code included, as in training)
-and the memory traffic the loss cannot avoid (read logprobs, anchor, advantages, mask [, ref]; write the
+Each proxim call gets a fresh minibatch object (``batch[:]``, views, no copy), as a trainer's ``batch[idx]``
+does, so the constants a Rollout derives once (mask operands, counts, zero-padded log-probs) are paid on every
+call here. And the memory traffic the loss cannot avoid (read logprobs, anchor, advantages, mask [, ref]; write the
 gradient) per second, against a plain ``copy_`` of one [B, T] float32 tensor.
 
     python benchmarks/objective.py                   # CPU, writes docs/benchmarks.md
@@ -15,7 +20,7 @@ gradient) per second, against a plain ``copy_`` of one [B, T] float32 tensor.
     python benchmarks/objective.py --quick --no-write
 
 Goals (issue 5): proxim eager within 1.05x of hand; compiled at most 0.6x of hand (eager); proxim eager
-faster than verl and TRL.
+faster than verl and TRL. Ratios are reported for both proxim columns.
 """
 
 from __future__ import annotations
@@ -161,17 +166,22 @@ def cell(name: str, b: int, t: int, device: torch.device, repeats: int, core_alg
     leaf = x["lp"].clone().requires_grad_(True)
     obj = preset(name)
     hand = HAND[name]
+    batch, est = x["rollout"], x["estimate"]
     fns: dict[str, Callable[[], Any]] = {
         "hand": gradient_of(lambda lp: hand(lp, x["old"], x["ref"], x["adv"], x["fmask"], x["n"]), leaf),
-        "proxim": gradient_of(lambda lp: obj.loss(lp, x["rollout"], x["estimate"]).loss, leaf),
+        "proxim": gradient_of(lambda lp: obj.loss(lp, batch[:], est).loss, leaf),
+        "proxim -m": gradient_of(lambda lp: obj.loss(lp, batch[:], est, metrics=False).loss, leaf),
     }
     torch._dynamo.reset()
     compiled_loss = torch.compile(obj.loss, fullgraph=True)
-    start = time.perf_counter()
-    torch.autograd.grad(compiled_loss(leaf, x["rollout"], x["estimate"]).loss, leaf)
-    common.sync(device)
-    compile_s = time.perf_counter() - start
-    fns["compiled"] = gradient_of(lambda lp: compiled_loss(lp, x["rollout"], x["estimate"]).loss, leaf)
+    compile_s = 0.0
+    for metrics in (True, False):
+        start = time.perf_counter()
+        torch.autograd.grad(compiled_loss(leaf, batch[:], est, metrics=metrics).loss, leaf)
+        common.sync(device)
+        compile_s += time.perf_counter() - start
+    fns["compiled"] = gradient_of(lambda lp: compiled_loss(lp, batch[:], est).loss, leaf)
+    fns["compiled -m"] = gradient_of(lambda lp: compiled_loss(lp, batch[:], est, metrics=False).loss, leaf)
     if core_algos is not None and (vf := verl_fn(core_algos, name)) is not None:
         fns["verl"] = gradient_of(lambda lp: vf(lp, x["old"], x["ref"], x["adv"], x["fmask"]), leaf)
     if with_trl and (tf := trl_fn(name, x["mask"])) is not None:
@@ -195,32 +205,38 @@ def main() -> None:
     core_algos = common.load_verl()
     with_trl = common.trl_available()
     rows, summary = [], []
-    ratios: dict[str, list[float]] = {"eager/hand": [], "compiled/hand": [], "verl/proxim": [], "TRL/proxim": []}
+    ratios: dict[str, list[float]] = {key: [] for key in (
+        "proxim/hand", "proxim -m/hand", "compiled/hand", "compiled -m/hand", "verl/proxim", "verl/proxim -m", "TRL/proxim", "TRL/proxim -m")}
+
+    def pair(key: str, num: float | None, den: float | None, key_m: str, num_m: float | None, den_m: float | None) -> str:
+        """'a / b' for the with-metrics and -m ratios of one cell, recorded for the summary."""
+        if num is None or den is None or num_m is None or den_m is None:
+            return "–"
+        ratios[key].append(num / den)
+        ratios[key_m].append(num_m / den_m)
+        return f"{num / den:.2f} / {num_m / den_m:.2f}"
+
     for name in args.objectives:
         for b, t in sizes:
             r = cell(name, b, t, device, repeats, core_algos, with_trl)
-            eager, hand, comp = r["proxim"], r["hand"], r["compiled"]
+            eager, bare, hand, comp, comp_bare = r["proxim"], r["proxim -m"], r["hand"], r["compiled"], r["compiled -m"]
             verl, trl = r.get("verl"), r.get("TRL")
             moved = BYTES_PER_TOKEN[name] * b * t
             copy_bw = 2 * 4 * b * t / r["copy"]
-            ratios["eager/hand"].append(eager / hand)
-            ratios["compiled/hand"].append(comp / hand)
-            if verl:
-                ratios["verl/proxim"].append(verl / eager)
-            if trl:
-                ratios["TRL/proxim"].append(trl / eager)
             row = [
-                name, f"{b}x{t}", common.fmt_time(hand), common.fmt_time(eager), common.fmt_time(comp),
-                common.fmt_time(verl), common.fmt_time(trl),
-                common.fmt_ratio(eager / hand), common.fmt_ratio(comp / hand),
-                common.fmt_ratio(verl / eager if verl else None), common.fmt_ratio(trl / eager if trl else None),
-                f"{moved / eager / 1e9:.2f} / {moved / comp / 1e9:.2f} / {copy_bw / 1e9:.1f}",
+                name, f"{b}x{t}", *(common.fmt_time(v) for v in (hand, eager, bare, comp, comp_bare, verl, trl)),
+                pair("proxim/hand", eager, hand, "proxim -m/hand", bare, hand),
+                pair("compiled/hand", comp, hand, "compiled -m/hand", comp_bare, hand),
+                pair("verl/proxim", verl, eager, "verl/proxim -m", verl, bare),
+                pair("TRL/proxim", trl, eager, "TRL/proxim -m", trl, bare),
+                f"{moved / bare / 1e9:.2f} / {moved / comp_bare / 1e9:.2f} / {copy_bw / 1e9:.1f}",
                 f"{r['compile_s']:.1f} s",
             ]
             rows.append(row)
             print(" | ".join(row), flush=True)
-    header = ["objective", "B x T", "hand", "proxim", "compiled", "verl", "TRL", "proxim/hand", "compiled/hand",
-              "verl/proxim", "TRL/proxim", "GB/s proxim / compiled / copy", "compile"]
+    header = ["objective", "B x T", "hand", "proxim", "proxim -m", "compiled", "compiled -m", "verl", "TRL",
+              "proxim/hand (-m)", "compiled/hand (-m)", "verl/proxim (-m)", "TRL/proxim (-m)",
+              "GB/s proxim -m / compiled -m / copy", "compile"]
     tab = common.table(header, rows)
     for key, values in ratios.items():
         if values:
@@ -232,7 +248,12 @@ def main() -> None:
         return
     body = "\n".join([
         "Stage 2, forward and backward (the gradient with respect to the current log-probs), float32, "
-        "right-padded batches (lengths uniform in [T/2, T]), one advantage per sequence. Times are per call; "
+        "right-padded batches (lengths uniform in [T/2, T]), one advantage per sequence. 'proxim' is "
+        "`obj.loss(...)` as the trainer calls it, with its metrics (clip fractions, ratio mean and max, "
+        "approximate KL); 'proxim -m' is `obj.loss(..., metrics=False)`, the same loss and gradient without "
+        "them, like the hand-written loss; 'compiled' and 'compiled -m' the same under `torch.compile`. "
+        "Each proxim call gets a fresh minibatch object (`batch[:]`), as the trainer's `batch[idx]` does. "
+        "Ratio columns give 'with metrics / -m'. Times are per call; "
         "ratios are of medians (lower is faster for the numerator). 'verl/proxim' > 1 means proxim is faster. "
         "GB/s counts only the bytes the loss cannot avoid moving (inputs read once, gradient written once) "
         "against a plain `copy_` of one [B, T] float32 tensor (read + write). TRL's time includes its metric "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from proxim.ops import masked_sum
+from proxim.ops import Padding, count
 
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
@@ -25,8 +25,8 @@ MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_to
 def default_normalizer(mask: Tensor, mode: str) -> Tensor:
     """The denominator `mode` uses for this mask: valid tokens for token_mean, non-empty rows otherwise."""
     if mode == "token_mean":
-        return mask.sum()
-    return (mask.sum(dim=1) > 0).sum()
+        return count(mask)
+    return (count(mask, dim=1) > 0).sum()
 
 
 def aggregate(
@@ -37,24 +37,25 @@ def aggregate(
     max_length: int | None = None,
 ) -> Tensor:
     """Reduce a per-token `loss` [B, T] to a 0-d tensor; `max_length` defaults to T."""
+    return reduce(loss, Padding.of(mask, loss.dtype), mode, normalizer, max_length)
+
+
+def reduce(loss: Tensor, padding: Padding, mode: str, normalizer: Tensor | int | None = None, max_length: int | None = None) -> Tensor:
+    """`aggregate` with the mask's masking operands and counts already at hand (`proxim.ops.Padding`)."""
     if mode == "token_mean":
-        denom = mask.sum() if normalizer is None else normalizer
-        return masked_sum(loss, mask) / torch.as_tensor(denom, dtype=loss.dtype, device=loss.device).clamp(min=1)
-    # Per-row token counts, counted once: the default denominator and seq_mean_token_mean both use them.
-    counts = mask.sum(dim=1) if normalizer is None or mode == "seq_mean_token_mean" else None
-    if normalizer is None:
-        assert counts is not None
-        normalizer = (counts > 0).sum()
-    denom = torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device).clamp(min=1)
-    row_sums = masked_sum(loss, mask, dim=1)
+        denom = padding.tokens if normalizer is None else _denominator(normalizer, loss)
+        return padding.sum(loss) / denom
+    denom = padding.sequences if normalizer is None else _denominator(normalizer, loss)
+    row_sums = padding.sum(loss, dim=1)
     if mode == "seq_mean_token_mean":
-        assert counts is not None
-        row_sums = row_sums / counts.clamp(min=1).to(loss.dtype)
-        return row_sums.sum() / denom
+        return (row_sums / padding.lengths).sum() / denom
     if mode == "seq_mean_token_sum":
         return row_sums.sum() / denom
     if mode == "seq_mean_token_sum_norm":
-        horizon = mask.shape[1] if max_length is None else max_length
+        horizon = padding.mask.shape[1] if max_length is None else max_length
         return row_sums.sum() / (denom * horizon)
     raise ValueError(f"unknown aggregation {mode!r}; choose one of {', '.join(MODES)}.")
 
+
+def _denominator(normalizer: Tensor | int, like: Tensor) -> Tensor:
+    return torch.as_tensor(normalizer, dtype=like.dtype, device=like.device).clamp(min=1)

@@ -7,6 +7,7 @@ adding the KL, entropy and value terms the options ask for. Neither stage touche
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -16,8 +17,18 @@ from torch import Tensor
 
 from proxim import aggregation
 from proxim.errors import BatchError, ConfigurationError, UnknownNameError, suggest
-from proxim.ops import group_index, kl_estimate, log_ratio, masked_mean, masked_sum, sequence_rewards, sequence_to_token_rewards
-from proxim.parts import AXES, Advantage, Baseline, Part, TrustRegion, check_part_instance
+from proxim.ops import (
+    Padding,
+    LOG_RATIO_CLAMP,
+    group_index,
+    kl_estimate,
+    masked_mean,
+    masked_sum,
+    sequence_rewards,
+    sequence_to_token_rewards,
+    zero_padding,
+)
+from proxim.parts import AXES, Advantage, Baseline, Part, RegionOutput, TrustRegion, check_part_instance
 from proxim.penalties import value_loss
 from proxim.preference import PreferenceObjective
 from proxim.registry import PartInfo, Registry, default_registry
@@ -82,6 +93,12 @@ class Objective:
     options: Options = attrs.field(factory=Options)
     preset: str | None = None
     sources: Mapping[str, PartInfo | None] = attrs.field(factory=dict)
+    #: Whether `region` accepts ``metrics=``; read once here, not on every `loss` call (nor while compiling).
+    _region_takes_metrics: bool = attrs.field(init=False, repr=False)
+
+    @_region_takes_metrics.default
+    def _region_flag(self) -> bool:
+        return _takes_metrics_flag(self.region)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -137,8 +154,8 @@ class Objective:
             baseline = self.baseline(shaped._with(rewards=totals))
             raw = self.advantage(shaped, baseline)
             mask = batch.mask
-            adv = torch.where(mask, raw.advantages.to(batch.old_logprobs.dtype), torch.zeros((), dtype=batch.old_logprobs.dtype))
-            returns = None if raw.returns is None else torch.where(mask, raw.returns.to(adv.dtype), torch.zeros((), dtype=adv.dtype))
+            adv = zero_padding(raw.advantages.to(batch.old_logprobs.dtype), mask)
+            returns = None if raw.returns is None else zero_padding(raw.returns.to(adv.dtype), mask)
             metrics = dict(raw.metrics)
             metrics.update(self._stage_one_metrics(batch, adv))
             if kl_penalty is not None:
@@ -183,13 +200,13 @@ class Objective:
         if self.options.kl_in == "reward" and self.options.kl_coef > 0:
             assert batch.ref_logprobs is not None  # guaranteed by _check_requires
             kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.options.kl_estimator)
-            kl_tokens = self.options.kl_coef * torch.where(mask, kl, torch.zeros_like(kl))
+            kl_tokens = self.options.kl_coef * zero_padding(kl, mask)
             totals = totals - kl_tokens.sum(dim=1)
         if not self.advantage.token_level:
             return batch._with(rewards=totals), totals, None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
         if rewards.dim() == 1:
             rewards = sequence_to_token_rewards(rewards, mask)
-        rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+        rewards = zero_padding(rewards, mask)
         if kl_tokens is not None:
             rewards = rewards - kl_tokens
         return batch._with(rewards=rewards), totals, None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
@@ -235,6 +252,7 @@ class Objective:
         values: Tensor | None = None,
         normalizer: Tensor | int | None = None,
         entropy: Tensor | None = None,
+        metrics: bool = True,
     ) -> LossOutput:
         """The scalar loss for a (mini)batch.
 
@@ -243,45 +261,50 @@ class Objective:
         normalizer: the aggregation denominator counted over the whole step (`Objective.normalizer`), so
                     that micro-batch losses sum to the full-batch loss; default, this batch's own count.
         entropy:    [B, T] per-token policy entropy, needed when entropy_coef > 0.
+        metrics:    False skips the per-token diagnostics (the region's clip fractions, ratio statistics,
+                    approximate KL), which cost about as much as the loss itself on CPU: for steps that
+                    log nothing. The loss terms (``loss/*``) are reported either way; the loss and its
+                    gradient do not change.
         """
         mask = batch.mask
         self._check_requires(batch, self._stage_two_requires())
         _check_stage_two("logprobs", logprobs, mask)
         opts = self.options
-        zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
-        anchor = batch.old_logprobs if opts.anchor == "old" else batch.rollout_logprobs
-        assert anchor is not None  # guaranteed by _check_requires
-        lp = torch.where(mask, logprobs, zero)
-        anchor = torch.where(mask, anchor.to(logprobs.dtype), zero).detach()
+        # Every tensor entering the math is zeroed at masked positions once, here (padding may hold NaN
+        # or inf); the aggregation masks what comes out, so nothing from padding reaches loss or gradient.
+        padding = _padding(batch, logprobs.dtype)
+        lp = padding.zero(logprobs)
+        anchor = _zeroed(batch, "old_logprobs" if opts.anchor == "old" else "rollout_logprobs", padding)
         adv = estimate.advantages.to(logprobs.dtype)
         if adv.shape != mask.shape:
             raise BatchError(f"estimate.advantages has shape {tuple(adv.shape)} but the batch is {tuple(mask.shape)}; slice both with the same index.")
 
         def agg(per_token: Tensor) -> Tensor:
-            return aggregation.aggregate(per_token, mask, opts.aggregation, normalizer, opts.max_length)
+            return aggregation.reduce(per_token, padding, opts.aggregation, normalizer, opts.max_length)
 
-        region = self.region(lp, anchor, adv, mask)
+        call: Callable[..., RegionOutput] = self.region  # `metrics=` is an optional extra of the built-ins
+        region = call(lp, anchor, adv, mask, metrics=metrics) if self._region_takes_metrics else call(lp, anchor, adv, mask)
         policy = agg(region.loss)
         total = policy
-        metrics = {"loss/policy": policy.detach()}
+        out = {"loss/policy": policy.detach()}
         if opts.kl_in == "loss" and opts.kl_coef > 0:
-            assert batch.ref_logprobs is not None
-            ref = torch.where(mask, batch.ref_logprobs.to(logprobs.dtype), zero)
+            ref = _zeroed(batch, "ref_logprobs", padding)
             kl = agg(kl_estimate(lp, ref, opts.kl_estimator))
             total = total + opts.kl_coef * kl
-            metrics["loss/kl"] = kl.detach()
+            out["loss/kl"] = kl.detach()
         if opts.entropy_coef > 0:
             if entropy is None:
                 raise BatchError(f"entropy_coef={opts.entropy_coef} needs loss(..., entropy=[B, T] per-token entropies).")
             _check_stage_two("entropy", entropy, mask)
-            ent = agg(torch.where(mask, entropy, zero))
+            ent = agg(padding.zero(entropy))
             total = total - opts.entropy_coef * ent
-            metrics["loss/entropy"] = ent.detach()
+            out["loss/entropy"] = ent.detach()
         if self.has_critic and opts.value_coef > 0:
-            total = total + opts.value_coef * self._value_term(values, batch, estimate, agg, metrics)
-        metrics.update(_region_metrics(region.metrics, lp.detach(), anchor, mask))
-        metrics["loss/total"] = total.detach()
-        return LossOutput(loss=total, metrics=metrics)
+            total = total + opts.value_coef * self._value_term(values, batch, estimate, agg, out)
+        if metrics:
+            out.update(_region_metrics(region.metrics, lp.detach(), anchor, padding))
+        out["loss/total"] = total.detach()
+        return LossOutput(loss=total, metrics=out)
 
     def _value_term(self, values: Tensor | None, batch: Rollout, estimate: Estimate, agg: Callable[[Tensor], Tensor], metrics: dict[str, Tensor]) -> Tensor:
         if values is None:
@@ -292,17 +315,39 @@ class Objective:
         _check_stage_two("values", values, batch.mask)
         if estimate.returns is None or batch.values is None:
             raise BatchError(f"advantage {self.advantage.name!r} produced no returns to regress the critic on.")
-        zero = torch.zeros((), dtype=values.dtype, device=values.device)
-        mask = batch.mask
+        padding = _padding(batch, values.dtype)
         per_token = value_loss(
-            torch.where(mask, values, zero),
-            torch.where(mask, batch.values.to(values.dtype), zero),
+            padding.zero(values),
+            _zeroed(batch, "values", padding),
             estimate.returns.to(values.dtype),
             self.options.value_clip,
         )
         term = agg(per_token)
         metrics["loss/value"] = term.detach()
         return term
+
+
+def _padding(batch: Rollout, dtype: torch.dtype) -> Padding:
+    """The batch's mask with what masking in `dtype` needs (`proxim.ops.Padding`), derived once per Rollout (eager)."""
+    return batch._derived(("padding", dtype), (batch.mask,), lambda: Padding.of(batch.mask, dtype))
+
+
+def _zeroed(batch: Rollout, field: str, padding: Padding) -> Tensor:
+    """A [B, T] field of the batch (log-probs, values) in `padding`'s dtype, detached, 0 where masked; derived once per Rollout (eager)."""
+    source = getattr(batch, field)
+    assert source is not None  # guaranteed by Objective._check_requires
+    return batch._derived(("zeroed", field, padding.dtype), (source, padding.mask), lambda: padding.zero(source.to(padding.dtype)).detach())
+
+
+def _takes_metrics_flag(region: TrustRegion) -> bool:
+    """Whether the region's ``__call__`` accepts ``metrics=`` (the built-ins do: with False they skip their
+    per-token diagnostics). Regions written without it still work; their metrics are computed and dropped."""
+    try:
+        parameters = inspect.signature(type(region).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    flag = parameters.get("metrics")
+    return flag is not None and flag.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _check_stage_two(name: str, t: Tensor, mask: Tensor) -> None:
@@ -315,26 +360,36 @@ def _check_stage_two(name: str, t: Tensor, mask: Tensor) -> None:
         raise BatchError(f"{name} is on {t.device} but the batch is on {mask.device}.")
 
 
-def _region_metrics(per_token: Mapping[str, Tensor], lp: Tensor, anchor: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def _region_metrics(per_token: Mapping[str, Tensor], lp: Tensor, anchor: Tensor, padding: Padding) -> dict[str, Tensor]:
     """Masked means of the region's per-token metrics, and ratio statistics. `lp` and `anchor` are 0 where
-    `mask` is False (as `Objective.loss` passes them), so the log-ratio there is exactly 0.
+    the mask is False (as `Objective.loss` passes them), so the log-ratio there is exactly 0.
 
-    Written for the eager hot path (it costs as much as the loss itself on CPU otherwise): one token count,
-    boolean metrics counted as integers (no float copy, no `where`), one `where` for the ratio.
+    Written for the eager hot path, where it would otherwise cost as much as the loss on CPU: the
+    `Padding`'s token count, boolean metrics counted in int32 (no float copy) through one scratch buffer,
+    one ``expm1`` for both the ratio and the approximate KL (the ratio is taken as ``expm1(lr) + 1``,
+    within one rounding of ``exp(lr)``), and in-place arithmetic on its own temporaries (on CPU a fresh
+    [B, T] buffer costs more in page faults than the arithmetic written into it).
     """
-    count = mask.sum().clamp(min=1).to(lp.dtype)
+    mask = padding.mask
+    count = padding.tokens
     out: dict[str, Tensor] = {}
+    scratch: Tensor | None = None  # one buffer for every boolean metric's `& mask`
     for key, value in per_token.items():
         value = value.detach()
-        if value.dtype == torch.bool:
-            out[f"region/{key}"] = (value & mask).sum().to(lp.dtype) / count
+        if value.dtype == torch.bool and value.shape == mask.shape:
+            scratch = torch.logical_and(value, mask, out=torch.empty_like(mask) if scratch is None else scratch)
+            out[f"region/{key}"] = scratch.sum(dtype=torch.int32).to(lp.dtype) / count
+        elif value.dtype == torch.bool:
+            out[f"region/{key}"] = (value & mask).sum(dtype=torch.int32).to(lp.dtype) / count
         else:
-            out[f"region/{key}"] = masked_sum(value.to(lp.dtype), mask) / count
-    lr = log_ratio(lp, anchor)
-    ratio = torch.where(mask, lr.exp(), torch.zeros((), dtype=lp.dtype, device=lp.device))
+            out[f"region/{key}"] = padding.sum(value.to(lp.dtype)) / count
+    lr = (lp - anchor).clamp_(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # ops.log_ratio, in place
+    excess = torch.expm1(lr)
+    out["region/approx_kl"] = lr.neg_().add_(excess).sum() / count  # expm1(lr) - lr; 0 where masked (lr = 0)
+    ratio = excess.add_(1.0)  # exactly 1 where masked (lr = 0 there), so masking by multiplication is exact
+    ratio = padding.zero(ratio) if padding.weights is None else ratio.mul_(padding.weights)
     out["region/ratio_mean"] = ratio.sum() / count
     out["region/ratio_max"] = ratio.amax()
-    out["region/approx_kl"] = (torch.expm1(lr) - lr).sum() / count  # 0 where masked: lr = 0 there
     return out
 
 

@@ -7,13 +7,16 @@ objective's hot path can trust it. Slicing (`batch[idx]`) keeps that trust and d
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import attrs
 import torch
 from torch import Tensor
 
 from proxim.errors import BatchError
+
+_T = TypeVar("_T")
 
 #: Rollout fields a part may declare in its `requires`.
 OPTIONAL_FIELDS = ("group", "ref_logprobs", "values", "rollout_logprobs")
@@ -79,6 +82,8 @@ class Rollout:
     rollout_logprobs: Tensor | None = None
 
     _FIELDS: ClassVar[tuple[str, ...]] = ("old_logprobs", "mask", "rewards", *OPTIONAL_FIELDS)
+    #: Derived constants (see `_derived`), filled on first use; not a field for users.
+    _memo: dict[Any, tuple[tuple[int, ...], Any]] = attrs.field(init=False, factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         old, mask = self.old_logprobs, self.mask
@@ -152,6 +157,23 @@ class Rollout:
         result: Tensor = counts[inverse]
         return result
 
+    def _derived(self, key: tuple[Any, ...], sources: tuple[Tensor, ...], make: Callable[[], _T]) -> _T:
+        """``make()``, computed once per Rollout in eager mode: constants the loss derives from the batch on
+        every call (`proxim.ops.Padding`: the float mask and counts; zero-padded log-probs), so that several
+        epochs over the same batch pay for them once; they live as long as the Rollout. Recomputed if a tensor in `sources` was changed in place since (its version
+        counter moved); never cached while ``torch.compile`` traces (the graph recomputes them, fused).
+        """
+        if torch.compiler.is_compiling():
+            return make()
+        versions = tuple(t._version for t in sources)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] == versions:
+            value: _T = hit[1]
+            return value
+        value = make()
+        self._memo[key] = (versions, value)
+        return value
+
     def replace(self, **changes: Tensor | None) -> Rollout:
         """A copy with some fields replaced, validated again."""
         fields: dict[str, Any] = changes
@@ -210,4 +232,5 @@ def _trusted(cls: type[Rollout], fields: dict[str, Tensor | None]) -> Rollout:
     obj = object.__new__(cls)
     for name, value in fields.items():
         object.__setattr__(obj, name, value)
+    object.__setattr__(obj, "_memo", {})
     return obj

@@ -28,7 +28,8 @@ class CISPO(proxim.TrustRegion):
     eps_high 0.28 (>= 0; Trinity's default; verl clamps to [1 - low, 1 + high] too, TRL caps r at an
     absolute value instead). Shapes [B, T]. Requires nothing.
     Metrics: clip_fraction_low / clip_fraction_high, the fractions of tokens whose weight is clipped
-    below / above, whatever the sign of A (CISPO clips the weight itself, not one side of the update).
+    below / above, whatever the sign of A (CISPO clips the weight itself, not one side of the update);
+    none with ``metrics=False``.
     """
 
     name: ClassVar[str] = "cispo"
@@ -37,12 +38,14 @@ class CISPO(proxim.TrustRegion):
     eps_low: float = attrs.field(default=1.0, validator=ge(0.0))
     eps_high: float = attrs.field(default=0.28, validator=ge(0.0))
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, metrics: bool = True) -> proxim.RegionOutput:
         ratio = ops.log_ratio(logprobs, anchor).exp()
         low, high = max(1.0 - self.eps_low, 0.0), 1.0 + self.eps_high
         weight = ratio.detach().clamp(low, high) / ratio.detach()
-        metrics = {"clip_fraction_low": ratio < low, "clip_fraction_high": ratio > high}
-        return proxim.RegionOutput(loss=-(weight * ratio * advantages), metrics=metrics)
+        loss = -(weight * ratio * advantages)
+        if not metrics:
+            return proxim.RegionOutput(loss=loss)
+        return proxim.RegionOutput(loss=loss, metrics={"clip_fraction_low": ratio < low, "clip_fraction_high": ratio > high})
 
 
 @proxim.hookimpl

@@ -42,7 +42,8 @@ class DivergenceMask(proxim.TrustRegion):
     keeps the right default); is_cap None (no truncation, the paper's study) or C > 0 (the paper's
     scaling runs used 5, verl 20). Shapes [B, T]. Requires nothing; the paper anchors on the rollout
     engine's log-probs (objective option ``anchor="rollout"``).
-    Metrics: clip_fraction_high / clip_fraction_low, the masked fractions on the A > 0 / A < 0 side.
+    Metrics: clip_fraction_high / clip_fraction_low, the masked fractions on the A > 0 / A < 0 side;
+    none with ``metrics=False``.
     """
 
     name: ClassVar[str] = "divergence_mask"
@@ -53,7 +54,7 @@ class DivergenceMask(proxim.TrustRegion):
     delta_high: float | None = attrs.field(default=None, validator=optional(gt(0.0)))
     is_cap: float | None = attrs.field(default=None, validator=optional(gt(0.0)))
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, metrics: bool = True) -> proxim.RegionOutput:
         default = _DEFAULT_DELTA[self.divergence]
         delta_low = default if self.delta_low is None else self.delta_low
         delta_high = default if self.delta_high is None else self.delta_high
@@ -61,18 +62,21 @@ class DivergenceMask(proxim.TrustRegion):
         logp = logprobs.detach()
         p, mu = logp.exp(), anchor.exp()
         if self.divergence == "tv":
-            up = p - mu > delta_high
-            down = mu - p > delta_low
+            # The shift in the direction A pushes: p - mu for A > 0, mu - p = -(p - mu) (exactly) for A < 0,
+            # 0 for A = 0; so one comparison against that side's threshold decides the mask.
+            pushed = advantages.sign() * (p - mu)
+            threshold = delta_high if delta_high == delta_low else torch.where(advantages > 0, delta_high, delta_low)
+            masked = pushed > threshold
         else:
             divergence = binary_kl(mu, logp, anchor)
-            up = (p > mu) & (divergence > delta_high)
-            down = (p < mu) & (divergence > delta_low)
-        masked_high = (advantages > 0) & up
-        masked_low = (advantages < 0) & down
-        keep = (~(masked_high | masked_low)).to(ratio.dtype)
+            masked = ((advantages > 0) & (p > mu) & (divergence > delta_high)) | ((advantages < 0) & (p < mu) & (divergence > delta_low))
+        keep = ops.float_mask(masked.logical_not(), ratio.dtype)
         weight = keep if self.is_cap is None else keep * ratio.detach().clamp(max=self.is_cap) / ratio.detach()
-        metrics = {"clip_fraction_low": masked_low, "clip_fraction_high": masked_high}
-        return proxim.RegionOutput(loss=-(weight * ratio * advantages), metrics=metrics)
+        loss = -(weight * ratio * advantages)
+        if not metrics:
+            return proxim.RegionOutput(loss=loss)
+        fractions = {"clip_fraction_low": (advantages < 0).logical_and_(masked), "clip_fraction_high": (advantages > 0).logical_and_(masked)}
+        return proxim.RegionOutput(loss=loss, metrics=fractions)
 
 
 @proxim.hookimpl

@@ -31,7 +31,8 @@ class Quadratic(proxim.TrustRegion):
     (w stays in [0.92, 1.08]), so the penalty is weak. An inverse reading (delta = 0.08) is plausible;
     the paper's text is ambiguous (ALGORITHMS.md 3.4.6), so try e.g. delta=0.1 too. Shapes [B, T].
     Metrics: clip_fraction_high / clip_fraction_low, the fractions beyond the boundary (w < 0) with
-    A > 0 / A < 0; weight_mean, the mean of w over valid tokens (w = 1 where A = 0).
+    A > 0 / A < 0; weight_mean, the mean of w over valid tokens (w = 1 where A = 0); none with
+    ``metrics=False``.
     """
 
     name: ClassVar[str] = "quadratic"
@@ -40,19 +41,24 @@ class Quadratic(proxim.TrustRegion):
     delta: float = attrs.field(default=12.5, validator=gt(0.0))
     mu_weighted: bool = attrs.field(default=True, validator=boolean)
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, metrics: bool = True) -> proxim.RegionOutput:
         ratio = ops.log_ratio(logprobs, anchor).exp()
         scale = anchor.exp() if self.mu_weighted else 1.0
         penalty = advantages.abs() * scale * (ratio - 1.0) ** 2 / (2.0 * self.delta)
-        shift = (scale * (ratio.detach() - 1.0)) / self.delta
-        weight = 1.0 - advantages.sign() * shift
+        loss = -advantages * ratio + penalty
+        if not metrics:
+            return proxim.RegionOutput(loss=loss)
+        # weight = 1 - sign(A) * scale * (r - 1) / delta, in place on its own temporaries (each new [B, T]
+        # buffer costs page faults on CPU); the same operations in the same order, so the same numbers.
+        shift = (ratio.detach() - 1.0).mul_(scale).div_(self.delta)
+        weight = advantages.sign().mul_(shift).neg_().add_(1.0)
         beyond = weight < 0
-        metrics = {
-            "clip_fraction_low": (advantages < 0) & beyond,
-            "clip_fraction_high": (advantages > 0) & beyond,
+        fractions = {
+            "clip_fraction_low": (advantages < 0).logical_and_(beyond),
+            "clip_fraction_high": (advantages > 0).logical_and_(beyond),
             "weight_mean": weight,
         }
-        return proxim.RegionOutput(loss=-advantages * ratio + penalty, metrics=metrics)
+        return proxim.RegionOutput(loss=loss, metrics=fractions)
 
 
 @proxim.hookimpl

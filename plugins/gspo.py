@@ -34,6 +34,8 @@ class SequenceClip(proxim.TrustRegion):
 
     Hyperparameters: eps_low 3e-4, eps_high 4e-4 (>= 0; the paper's values, tiny because s is a
     geometric mean: PPO's 0.2 would disable clipping), token_level False. Shapes [B, T].
+    Metrics: clip_fraction_low (A < 0, s < 1 - eps_low), clip_fraction_high (A > 0, s > 1 + eps_high),
+    per token; none with ``metrics=False``.
     """
 
     name: ClassVar[str] = "sequence_clip"
@@ -43,9 +45,9 @@ class SequenceClip(proxim.TrustRegion):
     eps_high: float = attrs.field(default=4e-4, validator=ge(0.0))
     token_level: bool = attrs.field(default=False, validator=boolean)
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
-        lengths = mask.sum(dim=1, keepdim=True).clamp(min=1).to(logprobs.dtype)
-        sequence = (ops.masked_sum(logprobs - anchor, mask, dim=1).unsqueeze(1) / lengths)
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, metrics: bool = True) -> proxim.RegionOutput:
+        padding = ops.Padding.of(mask, logprobs.dtype)  # masking operands and row lengths, derived once
+        sequence = (padding.sum(logprobs - anchor, dim=1) / padding.lengths).unsqueeze(1)
         sequence = sequence.clamp(-ops.LOG_RATIO_CLAMP, _MAX_SEQUENCE_LOG_RATIO)
         if self.token_level:
             log_s = sequence.detach() + logprobs - logprobs.detach()
@@ -54,11 +56,13 @@ class SequenceClip(proxim.TrustRegion):
         s = log_s.exp()
         low, high = 1.0 - self.eps_low, 1.0 + self.eps_high
         objective = torch.minimum(s * advantages, s.clamp(low, high) * advantages)
-        metrics = {
-            "clip_fraction_low": (advantages < 0) & (s < low),
-            "clip_fraction_high": (advantages > 0) & (s > high),
+        if not metrics:
+            return proxim.RegionOutput(loss=-objective)
+        fractions = {
+            "clip_fraction_low": (advantages < 0).logical_and_(s < low),
+            "clip_fraction_high": (advantages > 0).logical_and_(s > high),
         }
-        return proxim.RegionOutput(loss=-objective, metrics=metrics)
+        return proxim.RegionOutput(loss=-objective, metrics=fractions)
 
 
 @proxim.hookimpl

@@ -142,7 +142,7 @@ class Clip(proxim.TrustRegion):
     Hyperparameters: eps_low 0.2 in [0, 1); eps_high None (= eps_low; DAPO uses 0.28), >= 0;
     dual_clip None (off) or c > 1 (the paper and verl use 3). Shapes [B, T]. Requires nothing.
     Metrics: clip_fraction_low (A < 0, r < 1 - eps_low), clip_fraction_high (A > 0, r > 1 + eps_high),
-    dual_clip_fraction (A < 0, r > c) when dual clip is on.
+    dual_clip_fraction (A < 0, r > c) when dual clip is on; none with ``metrics=False``.
     """
 
     name: ClassVar[str] = "clip"
@@ -156,20 +156,24 @@ class Clip(proxim.TrustRegion):
         # Dual clip caps |g / A| at c for A < 0; without it the weight r of a negative advantage is unbounded.
         return self.properties | {"bounded_weight"} if self.dual_clip is not None else self.properties
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, metrics: bool = True) -> proxim.RegionOutput:
         low = 1.0 - self.eps_low
         high = 1.0 + (self.eps_low if self.eps_high is None else self.eps_high)
         ratio = _ratio(logprobs, anchor)
         objective = torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages)
+        if self.dual_clip is not None:
+            objective = torch.where(advantages < 0, torch.maximum(objective, self.dual_clip * advantages), objective)
+        if not metrics:
+            return proxim.RegionOutput(loss=-objective)
+        # In-place `&` on fresh temporaries: each new [B, T] buffer costs page faults on CPU.
         negative = advantages < 0
-        metrics = {
-            "clip_fraction_low": negative & (ratio < low),
-            "clip_fraction_high": (advantages > 0) & (ratio > high),
+        fractions = {
+            "clip_fraction_low": (ratio < low).logical_and_(negative),
+            "clip_fraction_high": (ratio > high).logical_and_(advantages > 0),
         }
         if self.dual_clip is not None:
-            objective = torch.where(negative, torch.maximum(objective, self.dual_clip * advantages), objective)
-            metrics["dual_clip_fraction"] = negative & (ratio > self.dual_clip)
-        return proxim.RegionOutput(loss=-objective, metrics=metrics)
+            fractions["dual_clip_fraction"] = (ratio > self.dual_clip).logical_and_(negative)
+        return proxim.RegionOutput(loss=-objective, metrics=fractions)
 
 
 @attrs.frozen
