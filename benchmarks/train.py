@@ -113,6 +113,7 @@ def run_proxim(spec: dict[str, Any]) -> dict[str, Any]:
         model=spec["model_dir"], task=p["task"], preset=p["preset"], steps=p["steps"], prompts_per_step=p["prompts_per_step"],
         group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["lr"], temperature=p["temperature"],
         seed=p["seed"], set={"kl_coef": p["kl_coef"]}, output_dir=spec["out"],
+        old_logprobs=spec.get("old_logprobs", "recompute"),
         **{k: v for k, (v, _) in PROXIM_SETTINGS.items()},
     )
     loop.train(config)
@@ -169,9 +170,18 @@ def child(spec: dict[str, Any]) -> None:
     print("RESULT " + json.dumps(out))
 
 
-def launch(trainer: str, model_dir: str, problem: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+#: The trainers compared: proxim with its defaults, proxim taking the old log-probs from the sampler, and TRL.
+TRAINERS: dict[str, dict[str, Any]] = {
+    "proxim": {"trainer": "proxim"},
+    "proxim --old-logprobs sampler": {"trainer": "proxim", "old_logprobs": "sampler"},
+    "TRL": {"trainer": "trl"},
+}
+
+
+def launch(name: str, model_dir: str, problem: dict[str, Any], profile: str | None = None) -> dict[str, Any]:
+    trainer = TRAINERS[name]["trainer"]
     with tempfile.TemporaryDirectory(prefix=f"proxim-bench-{trainer}-") as out:
-        spec = {"trainer": trainer, "model_dir": model_dir, "problem": problem, "out": out, "profile": profile}
+        spec = {**TRAINERS[name], "model_dir": model_dir, "problem": problem, "out": out, "profile": profile}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PROXIM_CACHE_DIR": out}
         res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, check=False)
@@ -243,12 +253,13 @@ def main() -> None:
         raise SystemExit("TRL is not importable: run this with the peer environment (.venv-peers/bin/python)")
     runs = args.runs or (2 if args.quick else 5)
     problem = {**PROBLEM, **(QUICK if args.quick else {})}
-    results: dict[str, list[dict[str, Any]]] = {"proxim": [], "TRL": []}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in TRAINERS}
+    names = list(TRAINERS)
     with tempfile.TemporaryDirectory(prefix="proxim-bench-model-") as model_dir:
         n_params = save_model(model_dir)
         for r in range(runs):
-            for trainer in (("proxim", "TRL") if r % 2 == 0 else ("TRL", "proxim")):
-                data = launch("proxim" if trainer == "proxim" else "trl", model_dir, problem)
+            for trainer in names[r % len(names):] + names[: r % len(names)]:  # the order rotates from run to run
+                data = launch(trainer, model_dir, problem)
                 results[trainer].append(data)
                 print(f"run {r + 1}/{runs} {trainer}: {data['cpu_sps']:.2f} steps/s (CPU time), {data['wall_sps']:.2f} (wall), "
                       f"peak RSS {fmt_mib(data['maxrss'])}, threads {data['threads']}", flush=True)
@@ -257,20 +268,25 @@ def main() -> None:
             prof_dir = tempfile.mkdtemp(prefix="proxim-bench-prof-")
             for trainer in ("proxim", "TRL"):
                 path = os.path.join(prof_dir, f"{trainer}.prof")
-                launch("proxim" if trainer == "proxim" else "trl", model_dir, problem, profile=path)
+                launch(trainer, model_dir, problem, profile=path)
                 profiles[trainer] = path
     med = {t: {k: statistics.median(d[k] for d in results[t]) for k in ("cpu_sps", "wall_sps", "maxrss")} for t in results}
     rows = []
-    for t in ("proxim", "TRL"):
+    for t in TRAINERS:
         rows.append([t, f"{med[t]['cpu_sps']:.2f}", f"{med[t]['wall_sps']:.2f}", fmt_mib(med[t]["maxrss"]),
                      ", ".join(f"{d['cpu_sps']:.2f}" for d in results[t]), ", ".join(fmt_mib(d["maxrss"]) for d in results[t])])
     speed = med["proxim"]["cpu_sps"] / med["TRL"]["cpu_sps"]
     speed_wall = med["proxim"]["wall_sps"] / med["TRL"]["wall_sps"]
     mem = med["proxim"]["maxrss"] / med["TRL"]["maxrss"]
+    sampler = "proxim --old-logprobs sampler"
+    speed_sampler = med[sampler]["cpu_sps"] / med["TRL"]["cpu_sps"]
+    mem_sampler = med[sampler]["maxrss"] / med["TRL"]["maxrss"]
     tab = common.table(["trainer", "steps/s (CPU time)", "steps/s (wall)", "peak RSS", "each run, steps/s (CPU)", "each run, peak RSS"], rows)
     summary = [
         f"- proxim/TRL steps per second: {speed:.2f}x (CPU time), {speed_wall:.2f}x (wall); goal >= 1.5x {'met' if speed >= 1.5 else 'missed'}",
         f"- proxim/TRL peak RSS: {mem:.2f}x; goal <= 1.0x {'met' if mem <= 1.0 else 'missed'}",
+        f"- with `--old-logprobs sampler` (not the default): {speed_sampler:.2f}x TRL's steps per second (CPU time), "
+        f"{mem_sampler:.2f}x its peak RSS",
     ]
     prof_text = []
     if profiles:
@@ -332,10 +348,12 @@ alone is about a third of each profile. The differences are small and go both wa
   `torch.mm`, `addmm_` and `_backward_tile` lines) and a larger loss graph; proxim's loss itself is about
   10 ms over the profiled steps. `generate` costs the same in both (within run-to-run noise).
 Net, about even: proxim does not reach 1.5x, and cannot by doing the same work faster, since the shared
-model code is most of both profiles. The one saving visible here is proxim's old-log-prob pass when
-epochs = 1 and the rollout is one minibatch: skipping it (using the policy forward's detached log-probs,
-as TRL does) would give roughly 1.2x; it needs a change in `core/train/loop.py` (stage 1 and the
-`kl/ref` metric read the old log-probs), proposed and not made here. Peak memory: TRL's process imports
+model code is most of both profiles. The one saving visible here is the old-log-prob pass: with
+`--old-logprobs sampler` proxim takes the old log-probs that its generator records while sampling (a
+logits processor, exact up to the key-value cache's arithmetic) and skips that forward, for every
+epoch and minibatch setting (TRL's shortcut holds only for one update per rollout). It is not the
+default because under bf16 or vLLM the sampler's numbers drift from the trainer's; its row above is
+measured in the same rotation. Peak memory: TRL's process imports
 more (datasets, pyarrow, pandas) and holds its dataset and buffered generation batch; proxim's peak is
 about 0.8x TRL's."""
 
