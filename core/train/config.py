@@ -149,7 +149,7 @@ class TrainConfig:
     reward_model: str | None = _f(None, "directory of a transformers sequence-classification reward model (num_labels=1), added to the rewards", "task and rewards", "str", nullable=True)
     reward_model_weight: float = _f(1.0, "weight of the reward model's score", "task and rewards", "float")
     data: str | None = _f(None, "JSONL records for offline training: {prompt, chosen, rejected} pairs for --preset dpo/ipo/hinge and proxim reward-model, {prompt, response} for proxim sft; default: built from the task", "task and rewards", "str", nullable=True)
-    preference_prompts: int = _f(4096, "default preference set: training prompts the initial policy answers twice (sampled); the better answer by task reward is chosen, ties are dropped", "task and rewards", "int", min=1)
+    preference_prompts: int = _f(16384, "default preference set: training prompts the initial policy answers twice (sampled); the better answer by task reward is chosen, ties are dropped (held out: 8 answers to each held-out prompt, paired two by two)", "task and rewards", "int", min=1)
 
     # -- model --------------------------------------------------------------------------------------
     model: str | None = _f(None, "local directory of a transformers causal LM and its tokenizer; default the built-in tiny Llama", "model", "str", nullable=True)

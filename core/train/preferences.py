@@ -4,7 +4,10 @@ The built-in set (no ``--data``): the initial policy answers each of `preference
 prompts twice (sampled at the run's temperature and top-p), the task's reward scores both answers,
 the better one is "chosen" and the other "rejected"; pairs whose rewards tie are dropped. The held-out
 pairs are made the same way from the task's held-out prompts (the first `eval_size`), which never
-appear in training. Each pair record also keeps the prompt's ``answer`` and both rewards.
+appear in training, except that each held-out prompt is answered `HELD_OUT_SAMPLES` (8) times and the
+answers are paired two by two (first with second, ...): the 200 held-out prompts of a task give a few
+hundred pairs, enough to tell a 70% from a 90% reward model. They are sampled first, so they do not
+depend on `preference_prompts`. Each pair record also keeps the prompt's ``answer`` and both rewards.
 
 The set depends only on the policy's weights, the task and the sampling settings. It is saved as JSON
 under ``CACHE/preferences/<task>-<hash>.json`` (the warm start's cache root) and reused by every later
@@ -32,7 +35,10 @@ from proxim.train.records import PAIR_FIELDS, Record, read_records, render_promp
 from proxim.train.warmstart import cache_root
 
 #: Bump when the way pairs are built changes, so old cache entries are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+#: Answers sampled per held-out prompt, paired two by two (first with second, third with fourth, ...):
+#: a task's 200 held-out prompts then give a few hundred held-out pairs instead of about 80.
+HELD_OUT_SAMPLES = 8
 
 
 @attrs.frozen
@@ -83,26 +89,27 @@ def make_pairs(lm: Any, tokenizer: Any, eos_ids: Sequence[int], task: Task, conf
     generator = HFGenerator(lm, tokenizer, eos_ids, config.generation_batch_size)
     max_new_tokens = config.resolved_max_new_tokens(task)
 
-    def pairs(examples: Sequence[Example]) -> list[Record]:
+    def pairs(examples: Sequence[Example], samples: int) -> list[Record]:
         prompts = [e.prompt for e in examples]
-        gen = generator.generate(tokenizer(prompts)["input_ids"], 2, config.temperature, config.top_p, max_new_tokens)
-        rewards = task.reward([p for p in prompts for _ in range(2)], gen.completions, answer=[e.answer for e in examples for _ in range(2)])
+        gen = generator.generate(tokenizer(prompts)["input_ids"], samples, config.temperature, config.top_p, max_new_tokens)
+        rewards = task.reward([p for p in prompts for _ in range(samples)], gen.completions, answer=[e.answer for e in examples for _ in range(samples)])
         out = []
         for i, e in enumerate(examples):
-            (first, r_first), (second, r_second) = ((gen.completions[2 * i + k], float(rewards[2 * i + k])) for k in range(2))
-            if r_first == r_second:
-                continue
-            (chosen, r_chosen), (rejected, r_rejected) = sorted([(first, r_first), (second, r_second)], key=lambda x: -x[1])
-            out.append({"prompt": e.prompt, "chosen": chosen, "rejected": rejected, "answer": e.answer, "chosen_reward": r_chosen, "rejected_reward": r_rejected})
+            for j in range(samples * i, samples * (i + 1), 2):
+                (first, r_first), (second, r_second) = ((gen.completions[j + k], float(rewards[j + k])) for k in range(2))
+                if r_first == r_second:
+                    continue
+                (chosen, r_chosen), (rejected, r_rejected) = sorted([(first, r_first), (second, r_second)], key=lambda x: -x[1])
+                out.append({"prompt": e.prompt, "chosen": chosen, "rejected": rejected, "answer": e.answer, "chosen_reward": r_chosen, "rejected_reward": r_rejected})
         return out
 
     held_out = task.eval_set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return {
-            "train": pairs(task.train_examples(random.Random(f"proxim-preferences-{task.name}-{config.seed}"), config.preference_prompts)),
-            "held_out": pairs(held_out[: config.eval_size] if config.eval_size else held_out),
-        }
+        # the held-out pairs first: they do not depend on the number of training prompts
+        held_out_pairs = pairs(held_out[: config.eval_size] if config.eval_size else held_out, HELD_OUT_SAMPLES)
+        train_pairs = pairs(task.train_examples(random.Random(f"proxim-preferences-{task.name}-{config.seed}"), config.preference_prompts), 2)
+        return {"train": train_pairs, "held_out": held_out_pairs}
 
 
 def _cache_key(config: TrainConfig, task: Task, lm: Any) -> str:
