@@ -248,7 +248,7 @@ def record_sweep(args: argparse.Namespace, seconds: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--presets", nargs="+", default=None, help="presets to train (default: every online preset)")
+    p.add_argument("--presets", nargs="*", default=None, help="presets to train (default: every online preset; none with --trl alone)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=20)
@@ -271,13 +271,13 @@ def main() -> None:
         args.seeds, args.steps, args.eval_every = args.seeds[:1], 10, 5
         args.train_args += ["--tiny-hidden-size", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--warmstart-steps", "20", "--eval-size", "16"]
         args.no_write = True
-    args.presets = args.presets or online_presets()
+    args.presets = online_presets() if args.presets is None else args.presets
     started = time.perf_counter()
     if not args.collect:
         sweep(args)
-        record_sweep(args, time.perf_counter() - started)
         if args.trl:
             trl_sweep(args)
+        record_sweep(args, time.perf_counter() - started)
     results = collect(args.output_dir)
     if not results:
         raise SystemExit(f"no finished run under {args.output_dir}")
@@ -287,15 +287,25 @@ def main() -> None:
         return
     from proxim.train.plot import line_chart
 
+    trl = "trl_grpo" in results
+    png = LEARNING_PNG.with_name("learning_trl.png") if trl else LEARNING_PNG
     names = sorted(results)
     per_panel = 6  # the legend of one panel holds about six names
     panels = [names[i : i + per_panel] for i in range(0, len(names), per_panel)]
-    line_chart(LEARNING_PNG, [("held-out accuracy, mean over seeds", {p: mean_curve(results[p]) for p in panel}) for panel in panels])
+    line_chart(png, [("held-out accuracy, mean over seeds", {p: mean_curve(results[p]) for p in panel}) for panel in panels])
+    intro = (
+        "proxim grpo (`grpo_vs_trl`) and TRL's GRPOTrainer (`trl_grpo`), each seed starting from the same saved warm "
+        "start (`proxim sft --seed S`), with proxim grpo's defaults on both sides (TRL's settings: `peers/trl_trainer.py`, "
+        "listed in section 4) and the same prompts in the same order; TRL's model is evaluated by proxim's own greedy "
+        "generator on the same held-out set every K steps (a callback)."
+        if trl else
+        "Held-out accuracy (greedy decoding, the task's 200 held-out prompts) against training step, mean ± standard "
+        "deviation over seeds; every other setting is `proxim train`'s default."
+    )
     body = "\n".join([
-        "Held-out accuracy (greedy decoding, the task's 200 held-out prompts) against training step, mean ± standard",
-        "deviation over seeds; every other setting is `proxim train`'s default. The mean curves:",
+        intro + " The mean curves:",
         "",
-        "![held-out accuracy against step](learning.png)",
+        f"![held-out accuracy against step]({png.name})",
         "",
         text,
         "",
@@ -305,8 +315,8 @@ def main() -> None:
     ])
     sweep_info = json.loads((args.output_dir / "sweep.json").read_text())
     header = "\n".join(f"- {key}: {sweep_info[key]}" for key in ("command", "machine", "versions", "date", "budget"))
-    _common.write_section("learning", "5. Learning curves", header + "\n\n" + body)
-
+    key, title = ("learning-trl", "5b. Learning curves: proxim and TRL from the same warm start") if trl else ("learning", "5. Learning curves")
+    _common.write_section(key, title, header + "\n\n" + body)
 
 if __name__ == "__main__":
     main()
