@@ -35,6 +35,7 @@ import proxim
 import torch
 from proxim.errors import ConfigurationError, ProximError
 from proxim.train import checkpoint as ckpt
+from proxim.train import models
 from proxim.train.config import TrainConfig
 from proxim.train.data import (
     PromptSource,
@@ -141,8 +142,6 @@ def _cpu_processes() -> bool:
 
 def base_policy(config: TrainConfig) -> tuple[Any, Any, dict[str, Any]]:
     """The model before any warm start (the built-in tiny model, or `init` / `model`), its tokenizer, and its cache identity."""
-    from proxim.train import models
-
     start = config.start_model()
     if start is None:
         tiny = models.tiny_config(config.tiny_hidden_size, config.tiny_layers, config.tiny_heads)
@@ -259,7 +258,6 @@ class Trainer:
             tqdm.write(message, file=sys.stderr)
 
     def _build(self, rewards: Any) -> None:
-        from proxim.train import models
         from proxim.train.generation import HFGenerator, VLLMGenerator
         from proxim.train.logprobs import PolicyScorer, build_critic
         from transformers.utils import logging as hf_logging
@@ -358,8 +356,7 @@ class Trainer:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-            lm.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
+            models.save_model_dir(lm, tokenizer, tmp)
             shutil.rmtree(init_dir, ignore_errors=True)
             os.replace(tmp, init_dir)
         acc.wait_for_everyone()
@@ -734,8 +731,7 @@ class Trainer:
         after = self.evaluate("after")
         self._store_eval("after", after)
         if self.is_main:
-            self.lm.save_pretrained(str(self.run_dir / "model"), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(self.run_dir / "model"))
+            models.save_model_dir(self.lm, self.tokenizer, self.run_dir / "model")
             self._plot(history, before, after)
         result = RunResult(self.run_dir, c.steps, before, after, time.perf_counter() - self.t_start, train_time)
         if self.is_main:

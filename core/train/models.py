@@ -106,6 +106,12 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
     return tok
 
 
+def save_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike[str]) -> None:
+    """Write `model` (safetensors) and `tokenizer` into `directory`: a folder `from_pretrained` loads."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+
+
 def eos_ids(tokenizer: Any, model: Any) -> list[int]:
     """Every token id that ends a response: the tokenizer's EOS and the model's generation_config EOS ids."""
     ids: set[int] = set()

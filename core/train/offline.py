@@ -29,6 +29,7 @@ import attrs
 import proxim
 import torch
 from proxim.errors import ConfigurationError
+from proxim.train import models
 from proxim.train.config import TrainConfig
 from proxim.train.data import PromptSource, Row
 from proxim.train.loop import (
@@ -227,8 +228,7 @@ class PreferenceTrainer(Trainer):
         train_time = time.perf_counter() - self.t_loop
         after, pairs_after = self._evaluate_all("after", pairs.held_out)
         if self.is_main:
-            self.lm.save_pretrained(str(self.run_dir / "model"), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(self.run_dir / "model"))
+            models.save_model_dir(self.lm, self.tokenizer, self.run_dir / "model")
             self._plot_pairs(history)
         result = PreferenceRunResult(self.run_dir, c.steps, before, after, time.perf_counter() - self.t_start, train_time, None, pairs_before, pairs_after)
         if self.is_main:

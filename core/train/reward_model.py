@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from proxim.train import models
 from proxim.train.config import TrainConfig
 from proxim.train.records import PAIR_FIELDS, Record, read_records
 from proxim.train.sft import load_task, new_run_dir, say
@@ -86,7 +87,6 @@ def evaluate_pairs(model: Any, tokenizer: Any, rows: Sequence[Record]) -> Pairwi
 def train_reward_model(config: TrainConfig) -> RewardModelResult:
     """Train and save a reward model; see the module docstring."""
     from accelerate import Accelerator
-    from proxim.train import models
     from proxim.train.loop import base_policy, warm_start_policy
     from proxim.train.preferences import preference_set
     from transformers import AutoModelForSequenceClassification
@@ -110,8 +110,7 @@ def train_reward_model(config: TrainConfig) -> RewardModelResult:
     pairs = preference_set(config, task, lm, tokenizer, models.eos_ids(tokenizer, lm), accelerator)
     backbone = Path(config.init) if config.init is not None else run_dir / "init"
     if config.init is None:
-        lm.save_pretrained(str(backbone), safe_serialization=True)
-        tokenizer.save_pretrained(str(backbone))
+        models.save_model_dir(lm, tokenizer, backbone)
     del lm
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # not the load report: that the score head is new is the point
@@ -148,8 +147,7 @@ def train_reward_model(config: TrainConfig) -> RewardModelResult:
         bar.set_postfix(loss=f"{record['loss/bradley_terry']:.3f}", acc=f"{record['reward/accuracy']:.2f}", refresh=False)
     bar.close()
     after = evaluate_pairs(model, tokenizer, pairs.held_out)
-    model.save_pretrained(str(run_dir / "model"), safe_serialization=True)
-    tokenizer.save_pretrained(str(run_dir / "model"))
+    models.save_model_dir(model, tokenizer, run_dir / "model")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     (run_dir / "eval.json").write_text(json.dumps({"before": attrs.asdict(before), "after": attrs.asdict(after)}, indent=2))
     result = RewardModelResult(run_dir, config.steps, before, after, time.perf_counter() - t_start)

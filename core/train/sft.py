@@ -27,6 +27,7 @@ import torch
 from proxim.errors import ConfigurationError
 from proxim.tasks import Task
 
+from proxim.train import models
 from proxim.train.config import TrainConfig
 from proxim.train.data import RowSource
 from proxim.train.records import SUPERVISED_FIELDS, Record, read_records, render_prompts
@@ -159,8 +160,7 @@ def sft(config: TrainConfig) -> SupervisedResult:
         losses = train_supervised(lm, batches, steps, config.warmstart_lr, config.seed, not config.quiet, "sft")
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": k + 1, "loss/supervised": v}) + "\n" for k, v in enumerate(losses)))
     after = evaluate()
-    lm.save_pretrained(str(run_dir / "model"), safe_serialization=True)
-    tokenizer.save_pretrained(str(run_dir / "model"))
+    models.save_model_dir(lm, tokenizer, run_dir / "model")
     result = SupervisedResult(run_dir, steps, before, after, time.perf_counter() - t_start)
     (run_dir / "eval.json").write_text(json.dumps({"before": attrs.asdict(before), "after": attrs.asdict(after)}, indent=2))
     table = supervised_table(result)
