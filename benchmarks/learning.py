@@ -176,29 +176,23 @@ def trl_child(spec: dict[str, Any]) -> None:
 
     import proxim
     import torch
-    from proxim.train import models
     from proxim.train.config import TrainConfig
-    from proxim.train.data import TaskSource
-    from proxim.train.generation import HFGenerator
+    from proxim.train.sft import task_accuracy
     from transformers import TrainerCallback
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     defaults = TrainConfig()
     grpo = proxim.objective("grpo")
     task = proxim.default_registry().get("task", defaults.task)()
-    source = TaskSource(task, spec["seed"])
-    rows = [row for step in range(spec["steps"]) for row in source.batch(step, 0, 1, defaults.prompts_per_step)]
-    held_out = source.eval_rows()
+    peer = _common._load_peer_module("trl_trainer")
+    rows, reward = peer.task_prompts_and_reward(task, spec["seed"], spec["steps"], defaults.prompts_per_step)
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("")
     evals: dict[str, Any] = {}
 
     def evaluate(model: Any, tokenizer: Any) -> float:
-        generator = HFGenerator(model, tokenizer, models.eos_ids(tokenizer, model))
-        prompt_ids = [list(ids) for ids in tokenizer([r["prompt"] for r in held_out])["input_ids"]]
-        gen = generator.generate(prompt_ids, 1, 1.0, 1.0, defaults.resolved_max_new_tokens(task), greedy=True)
-        return sum(task.correct(c, r["answer"]) for c, r in zip(gen.completions, held_out)) / len(held_out)
+        return task_accuracy(model, tokenizer, task, defaults.resolved_max_new_tokens(task))[1]
 
     def record(step: int, accuracy: float | None) -> None:
         with open(run_dir / "metrics.jsonl", "a") as fh:
@@ -217,10 +211,6 @@ def trl_child(spec: dict[str, Any]) -> None:
             evals["after"] = {"accuracy": evaluate(model, processing_class)}
             (run_dir / "eval.json").write_text(json.dumps(evals, indent=2))
 
-    def reward(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return task.reward(prompts, completions, answer=answer)
-
-    peer = _common._load_peer_module("trl_trainer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = peer.grpo_trainer(

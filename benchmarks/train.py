@@ -124,28 +124,22 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     import warnings
 
     import proxim
-    from proxim.train.data import TaskSource
     from transformers import TrainerCallback
 
     p = spec["problem"]
+    peer = common._load_peer_module("trl_trainer")
     task = proxim.default_registry().get("task", p["task"])()
-    source = TaskSource(task, p["seed"])
-    rows = [row for step in range(p["steps"]) for row in source.batch(step, 0, 1, p["prompts_per_step"])]
-
-    def arithmetic(prompts: list[str], completions: list[str], answer: list[str], **_: Any) -> list[float]:
-        return task.reward(prompts, completions, answer=answer)
-
+    rows, reward = peer.task_prompts_and_reward(task, p["seed"], p["steps"], p["prompts_per_step"])
     stamps: list[tuple[float, float]] = []
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             _stamp(stamps)
 
-    peer = common._load_peer_module("trl_trainer")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = peer.grpo_trainer(
-            spec["model_dir"], rows, arithmetic, output_dir=spec["out"], group_size=p["group_size"],
+            spec["model_dir"], rows, reward, output_dir=spec["out"], group_size=p["group_size"],
             prompts_per_step=p["prompts_per_step"], steps=p["steps"], max_new_tokens=p["max_new_tokens"], lr=p["lr"],
             beta=p["kl_coef"], temperature=p["temperature"], seed=p["seed"], callbacks=[Stamp()],
         )

@@ -33,7 +33,7 @@ from torch import Tensor
 from proxim.train import models
 from proxim.train.config import TrainConfig
 from proxim.train.records import PAIR_FIELDS, Record, read_records
-from proxim.train.sft import load_task, new_run_dir, say
+from proxim.train.sft import load_task, new_run_dir, say, write_evaluation
 
 #: Pairs per forward pass when evaluating.
 EVAL_BATCH = 64
@@ -149,11 +149,8 @@ def train_reward_model(config: TrainConfig) -> RewardModelResult:
     after = evaluate_pairs(model, tokenizer, pairs.held_out)
     models.save_model_dir(model, tokenizer, run_dir / "model")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    (run_dir / "eval.json").write_text(json.dumps({"before": attrs.asdict(before), "after": attrs.asdict(after)}, indent=2))
     result = RewardModelResult(run_dir, config.steps, before, after, time.perf_counter() - t_start)
-    table = reward_model_table(result)
-    (run_dir / "summary.md").write_text(table + "\n")
-    print(table)
+    write_evaluation(run_dir, before, after, reward_model_table(result))
     return result
 
 

@@ -82,10 +82,9 @@ def load_task(config: TrainConfig) -> Task | None:
 def task_accuracy(lm: Any, tokenizer: Any, task: Task, max_new_tokens: int, eval_size: int | None = None) -> tuple[int, float]:
     """(prompts, accuracy) of greedy decoding on the task's held-out prompts (the first `eval_size`)."""
     from proxim.train.generation import HFGenerator
-    from proxim.train.models import eos_ids
 
     examples = task.eval_set()[:eval_size] if eval_size else task.eval_set()
-    generator = HFGenerator(lm, tokenizer, eos_ids(tokenizer, lm), EVAL_BATCH)
+    generator = HFGenerator(lm, tokenizer, models.eos_ids(tokenizer, lm), EVAL_BATCH)
     gen = generator.generate(tokenizer([e.prompt for e in examples])["input_ids"], 1, 1.0, 1.0, max_new_tokens, greedy=True)
     correct = sum(task.correct(c, e.answer) for c, e in zip(gen.completions, examples))
     return len(examples), correct / len(examples)
@@ -162,11 +161,15 @@ def sft(config: TrainConfig) -> SupervisedResult:
     after = evaluate()
     models.save_model_dir(lm, tokenizer, run_dir / "model")
     result = SupervisedResult(run_dir, steps, before, after, time.perf_counter() - t_start)
+    write_evaluation(run_dir, before, after, supervised_table(result))
+    return result
+
+
+def write_evaluation(run_dir: Path, before: Any, after: Any, table: str) -> None:
+    """eval.json (the before/after attrs records) and summary.md (`table`, also printed) of a finished run."""
     (run_dir / "eval.json").write_text(json.dumps({"before": attrs.asdict(before), "after": attrs.asdict(after)}, indent=2))
-    table = supervised_table(result)
     (run_dir / "summary.md").write_text(table + "\n")
     print(table)
-    return result
 
 
 def supervised_table(result: SupervisedResult) -> str:
