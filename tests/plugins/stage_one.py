@@ -13,6 +13,21 @@ F64 = torch.float64
 REWARD = st.integers(-200, 200).map(lambda k: k / 20)
 
 
+def draw_groups(draw: st.DrawFn, min_group: int, max_group: int, max_groups: int) -> list[int]:
+    """One group id per row: ragged groups with sparse, unsorted ids, the rows shuffled."""
+    sizes = draw(st.lists(st.integers(min_group, max_group), min_size=1, max_size=max_groups))
+    ids = draw(st.lists(st.integers(-100, 100), min_size=len(sizes), max_size=len(sizes), unique=True))
+    group = [gid for gid, n in zip(ids, sizes) for _ in range(n)]
+    order = draw(st.permutations(range(len(group))))
+    return [group[i] for i in order]
+
+
+def draw_mask(draw: st.DrawFn, b: int, t: int, every_row_valid: bool = False) -> list[list[bool]]:
+    """A random [b, t] mask (fully masked rows included, unless `every_row_valid` makes each row's first token valid)."""
+    mask = draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
+    return [[True, *row[1:]] for row in mask] if every_row_valid else mask
+
+
 def make(rewards: list[float] | torch.Tensor, group: list[int] | None, mask: list[list[bool]] | torch.Tensor, **extra: torch.Tensor) -> proxim.Rollout:
     mask = torch.as_tensor(mask, dtype=torch.bool)
     old = extra.pop("old_logprobs", None)

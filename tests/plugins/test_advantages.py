@@ -21,7 +21,7 @@ from proxim.plugins.grpo import GroupMeanBaseline, GroupNormalized
 from proxim.plugins.ppo import NoBaseline
 from proxim.plugins.reinforce_pp import ReturnToGo, Whitened
 
-from stage_one import REWARD, make, per_row, tokens
+from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
@@ -71,15 +71,9 @@ def grouped(
     With `token_rewards`, [B, T] rewards with NaN at padded positions (allowed there by the Rollout contract).
     With `every_row_valid`, each row's first token is valid (no fully masked rows).
     """
-    sizes = draw(st.lists(st.integers(min_group, max_group), min_size=1, max_size=max_groups))
-    ids = draw(st.lists(st.integers(-100, 100), min_size=len(sizes), max_size=len(sizes), unique=True))
-    group = [gid for gid, n in zip(ids, sizes) for _ in range(n)]
-    order = draw(st.permutations(range(len(group))))
-    group = [group[i] for i in order]
+    group = draw_groups(draw, min_group, max_group, max_groups)
     b, t = len(group), draw(st.integers(1, max_t))
-    mask = draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
-    if every_row_valid:
-        mask = [[True, *row[1:]] for row in mask]
+    mask = draw_mask(draw, b, t, every_row_valid)
     if token_rewards:
         rewards: object = [[draw(REWARD) if m else NAN for m in row] for row in mask]
     else:

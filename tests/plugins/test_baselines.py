@@ -21,7 +21,7 @@ from proxim.plugins.grpo import GroupMeanBaseline
 from proxim.plugins.ppo import BatchMeanBaseline, CriticBaseline, NoBaseline
 from proxim.plugins.rloo import LeaveOneOutBaseline
 
-from stage_one import REWARD, make, per_row, tokens
+from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
@@ -41,14 +41,10 @@ def members(group: list[int]) -> dict[int, list[int]]:
 @st.composite
 def grouped(draw: st.DrawFn, min_group: int = 1, max_group: int = 6, max_groups: int = 4, max_t: int = 4) -> proxim.Rollout:
     """Ragged groups with sparse, unsorted ids (rows shuffled), random padding including fully masked rows."""
-    sizes = draw(st.lists(st.integers(min_group, max_group), min_size=1, max_size=max_groups))
-    ids = draw(st.lists(st.integers(-100, 100), min_size=len(sizes), max_size=len(sizes), unique=True))
-    group = [gid for gid, n in zip(ids, sizes) for _ in range(n)]
-    order = draw(st.permutations(range(len(group))))
-    group = [group[i] for i in order]
+    group = draw_groups(draw, min_group, max_group, max_groups)
     b, t = len(group), draw(st.integers(1, max_t))
     rewards = draw(st.lists(REWARD, min_size=b, max_size=b))
-    mask = draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
+    mask = draw_mask(draw, b, t)
     return make(rewards, group, mask)
 
 

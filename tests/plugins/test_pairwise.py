@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 import proxim
 from proxim.plugins.lampo import Pairwise
 from proxim.plugins.ppo import NoBaseline
+from stage_one import REWARD, draw_groups, draw_mask
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
 NAN = float("nan")
 
-REWARD = st.integers(-200, 200).map(lambda k: k / 20)
 LOGPROB = st.floats(-5.0, 0.0, allow_subnormal=False)
 SCALES = st.sampled_from([0.05, 0.5, 2.0, 3.0, 7.5])
 
@@ -126,15 +126,9 @@ def tokens(per_row_values: list[float], mask: torch.Tensor) -> torch.Tensor:
 @st.composite
 def grouped(draw: st.DrawFn, min_group: int = 1, max_group: int = 5, max_groups: int = 3, max_t: int = 4, every_row_valid: bool = False) -> proxim.Rollout:
     """Ragged groups, sparse unsorted ids, random padding (NaN log-probs there); optionally every row has a token."""
-    sizes = draw(st.lists(st.integers(min_group, max_group), min_size=1, max_size=max_groups))
-    ids = draw(st.lists(st.integers(-100, 100), min_size=len(sizes), max_size=len(sizes), unique=True))
-    group = [gid for gid, n in zip(ids, sizes) for _ in range(n)]
-    order = draw(st.permutations(range(len(group))))
-    group = [group[i] for i in order]
+    group = draw_groups(draw, min_group, max_group, max_groups)
     b, t = len(group), draw(st.integers(1, max_t))
-    mask = draw(st.lists(st.lists(st.booleans(), min_size=t, max_size=t), min_size=b, max_size=b))
-    if every_row_valid:
-        mask = [[True, *row[1:]] for row in mask]
+    mask = draw_mask(draw, b, t, every_row_valid)
     old = [[draw(LOGPROB) if m else NAN for m in row] for row in mask]
     rewards = draw(st.lists(REWARD, min_size=b, max_size=b))
     return make(rewards, group, mask, old)
