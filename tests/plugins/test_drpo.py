@@ -17,20 +17,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import proxim
+from stage_two import coefficients
 from proxim.plugins.dppo import DivergenceMask
 from proxim.plugins.drpo import Quadratic
 
 F64 = torch.float64
 ATOL = 1e-12
-
-
-def coefficients(region, lp, anchor, adv):  # type: ignore[no-untyped-def]
-    """(per-token loss, g = -d(sum of per-token losses)/d lp) on a full mask."""
-    lp = torch.as_tensor(lp, dtype=F64).clone().requires_grad_(True)
-    anchor, adv = torch.as_tensor(anchor, dtype=F64), torch.as_tensor(adv, dtype=F64)
-    out = region(lp, anchor, adv, torch.ones(lp.shape, dtype=torch.bool))
-    (grad,) = torch.autograd.grad(out.loss.sum(), lp)
-    return out.loss.detach(), -grad
 
 
 def sign(x: float) -> float:

@@ -17,6 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import proxim
+from stage_two import coefficients
 from proxim.plugins.cispo import CISPO
 from proxim.plugins.dppo import DivergenceMask
 from proxim.plugins.drpo import Quadratic
@@ -27,17 +28,6 @@ F64 = torch.float64
 ATOL = 1e-12
 #: The presets this distribution ships (third-party plugins installed beside it are not under test here).
 PRESETS = sorted(name for name, info in proxim.available()["preset"].items() if info.distribution == "proxim")
-
-
-def coefficients(region: proxim.TrustRegion, lp, anchor, adv, mask=None):  # type: ignore[no-untyped-def]
-    """(per-token loss, g = -d(sum of valid per-token losses)/d lp), float64."""
-    lp = torch.as_tensor(lp, dtype=F64).clone().requires_grad_(True)
-    anchor = torch.as_tensor(anchor, dtype=F64)
-    adv = torch.as_tensor(adv, dtype=F64)
-    mask = torch.ones(lp.shape, dtype=torch.bool) if mask is None else mask
-    out = region(lp, anchor, adv, mask)
-    (grad,) = torch.autograd.grad(torch.where(mask, out.loss, torch.zeros((), dtype=F64)).sum(), lp)
-    return out.loss.detach(), -grad
 
 
 def tokens(log_ratio=(-1.5, 1.5), adv=(-3.0, 3.0), size=(1, 12)):  # type: ignore[no-untyped-def]
