@@ -143,20 +143,23 @@ class HFGenerator:
 
         device = next(self.lm.parameters()).device
         ids, mask = left_pad(prompts, self.pad_id, device)
-        sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+        # Sampling: the temperature and top-p warpers are given as processors, with the recorder after them,
+        # so `generate` adds none of its own (temperature 1, top_p 1, top_k 0 are its no-ops) and samples
+        # from exactly the scores the recorder reads.
+        recorder = None if greedy else _SampledLogprobs()
+        processors = [] if recorder is None else [*_warpers(temperature, top_p), recorder]
         config = GenerationConfig(
             do_sample=not greedy,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_ids,
             return_dict_in_generate=True,
-            **sampling,
+            **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}),
         )
-        recorder = None if greedy else _sampled_logprobs_recorder(temperature, top_p)
         was_training = self.lm.training
         self.lm.eval()
         try:
-            out = self.lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config, logits_processor=[recorder] if recorder else None)
+            out = self.lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config, logits_processor=processors or None)
         finally:
             self.lm.train(was_training)
         resp = out.sequences[:, ids.shape[1] :]
@@ -168,44 +171,41 @@ class HFGenerator:
         return _finish(ids, mask, resp, resp_mask, truncated, rollout, max_new_tokens, self.pad_id, self.tokenizer)
 
 
-def _sampled_logprobs_recorder(temperature: float, top_p: float) -> Any:
-    """A logits processor that records log pi_sample(token) of each sampled token: the log-softmax of the
-    logits after the same temperature and top-p warpers `generate` samples with.
+def _warpers(temperature: float, top_p: float) -> list[Any]:
+    """transformers' temperature and top-p warpers, in the order `generate` applies its own; none that would be a no-op."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    return ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+
+class _SampledLogprobs:
+    """A logits processor, last in the list, that records log pi_sample(token) of each sampled token: the
+    log-softmax of the scores `generate` samples from (after temperature and top-p).
 
     It replaces ``output_scores``, which keeps every step's [B, V] scores until the end ([B, T, V] floats:
     tens of GB for a 128k vocabulary and long responses); this keeps one step's log-softmax, and reads
     its value at the token sampled from it on the next call (`input_ids[:, -1]`) or in `finish`.
-    Custom processors run before `generate`'s own warpers, so the scores it sees are the raw logits.
     """
-    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
-    warpers: list[Any] = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+    def __init__(self) -> None:
+        self.pending: Tensor | None = None
+        self.taken: list[Tensor] = []
 
-    class SampledLogprobs(LogitsProcessor):
-        def __init__(self) -> None:
-            self.pending: Tensor | None = None
-            self.taken: list[Tensor] = []
+    def _take(self, tokens: Tensor) -> None:
+        if self.pending is not None:
+            self.taken.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.pending = None
 
-        def _take(self, tokens: Tensor) -> None:
-            if self.pending is not None:
-                self.taken.append(self.pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-                self.pending = None
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._take(input_ids[:, -1])  # the token sampled from the previous call's scores (none on the first)
+        self.pending = torch.log_softmax(scores.float(), dim=-1)
+        return scores
 
-        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-            self._take(input_ids[:, -1])  # the token sampled from the previous call's scores (none on the first)
-            z = scores.float()
-            for warp in warpers:
-                z = warp(input_ids, z)
-            self.pending = torch.log_softmax(z, dim=-1)
-            return scores
-
-        def finish(self, response_ids: Tensor) -> Tensor:
-            """[B, T] log-probs of `response_ids` (the generated columns of `generate`'s output)."""
-            if response_ids.shape[1] > len(self.taken):
-                self._take(response_ids[:, len(self.taken)])
-            return torch.stack(self.taken, dim=1) if self.taken else response_ids.new_zeros(response_ids.shape, dtype=torch.float32)
-
-    return SampledLogprobs()
+    def finish(self, response_ids: Tensor) -> Tensor:
+        """[B, T] log-probs of `response_ids` (the generated columns of `generate`'s output)."""
+        if response_ids.shape[1] > len(self.taken):
+            self._take(response_ids[:, len(self.taken)])
+        return torch.stack(self.taken, dim=1) if self.taken else response_ids.new_zeros(response_ids.shape, dtype=torch.float32)
 
 
 def _finish(
