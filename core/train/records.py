@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from proxim.errors import ConfigurationError
+from proxim.ops import masked_sum
 from proxim.train.generation import left_pad
 from torch import Tensor
 
@@ -123,4 +124,4 @@ def sequence_logprobs(scorer: Any, tokenizer: Any, prompts: Sequence[str], respo
     device = next(scorer.parameters()).device
     input_ids, attention_mask, targets, mask = encode_responses(tokenizer, prompts, responses, eos_id, device)
     logprobs, _ = scorer(input_ids, attention_mask, targets)
-    return torch.where(mask, logprobs, torch.zeros((), dtype=logprobs.dtype, device=device)).sum(-1)
+    return masked_sum(logprobs, mask, dim=-1)
