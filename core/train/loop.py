@@ -34,6 +34,7 @@ import attrs
 import proxim
 import torch
 from proxim.errors import ConfigurationError, ProximError
+from proxim.ops import kl_estimate, masked_mean, masked_sum
 from proxim.train import checkpoint as ckpt
 from proxim.train import models
 from proxim.train.config import TrainConfig
@@ -465,10 +466,8 @@ class Trainer:
         if self.task is not None and "answer" in batch_cols:
             metrics["reward/accuracy"] = sum(self.task.correct(comp, ans) for comp, ans in zip(gen.completions, batch_cols["answer"])) / B
         if batch.ref_logprobs is not None:
-            d = (batch.old_logprobs - batch.ref_logprobs).clamp(-20, 20)
-            k3 = torch.where(mask, torch.expm1(-d) + d, torch.zeros_like(d))
-            metrics["kl/ref"] = float(k3.sum() / mask.sum().clamp(min=1))
-            metrics["kl/ref_sequence"] = float(torch.where(mask, d, torch.zeros_like(d)).sum(1).mean())
+            metrics["kl/ref"] = float(masked_mean(kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k3"), mask))
+            metrics["kl/ref_sequence"] = float(masked_sum(kl_estimate(batch.old_logprobs, batch.ref_logprobs, "k1"), mask, dim=1).mean())
         samples = [
             {"step": step, "prompt": prompts[i], "completion": gen.completions[i], "reward": totals[i], **{k: v[i] for k, v in parts.items()}}
             for i in range(0, B, max(1, c.group_size))[: c.log_samples]
