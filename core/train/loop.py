@@ -393,9 +393,7 @@ class Trainer:
     def _score(self, scorer: Any, gen: Any, idx: torch.Tensor, grad: bool, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs [b, T] (and entropy) of rows `idx`, forwarding only up to their last response token."""
         T = gen.response_ids.shape[1]
-        width = int(gen.response_mask[idx].any(0).nonzero().max()) + 1 if bool(gen.response_mask[idx].any()) else 1
-        ids = torch.cat([gen.prompt_ids[idx], gen.response_ids[idx, :width]], 1)
-        mask = torch.cat([gen.prompt_mask[idx], gen.response_mask[idx, :width]], 1).long()
+        ids, mask, width = _sequences(gen, idx)
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
             lp, ent = scorer(ids, mask, gen.response_ids[idx, :width], self.config.temperature, entropy)
         pad = (0, T - width)
@@ -403,9 +401,7 @@ class Trainer:
 
     def _values(self, critic: Any, gen: Any, idx: torch.Tensor, grad: bool) -> torch.Tensor:
         T = gen.response_ids.shape[1]
-        width = int(gen.response_mask[idx].any(0).nonzero().max()) + 1 if bool(gen.response_mask[idx].any()) else 1
-        ids = torch.cat([gen.prompt_ids[idx], gen.response_ids[idx, :width]], 1)
-        mask = torch.cat([gen.prompt_mask[idx], gen.response_mask[idx, :width]], 1).long()
+        ids, mask, width = _sequences(gen, idx)
         with torch.set_grad_enabled(grad), self.accelerator.autocast():
             v = critic(ids, mask, width)
         return torch.nn.functional.pad(v.float(), (0, T - width))
@@ -848,6 +844,16 @@ def summary_table(result: RunResult, label: str) -> str:
         f"wall time {result.wall_time:.0f} s (training loop {result.train_time:.0f} s, {result.steps_per_second:.2f} steps/s); run folder {result.run_dir}",
     ]
     return "\n".join(lines)
+
+
+def _sequences(gen: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows `idx` of a generation as model input: prompt + response cut after the last response token any
+    row has (ids, attention mask as int64), and that response width."""
+    valid = gen.response_mask[idx]
+    width = int(valid.any(0).nonzero().max()) + 1 if bool(valid.any()) else 1
+    ids = torch.cat([gen.prompt_ids[idx], gen.response_ids[idx, :width]], 1)
+    mask = torch.cat([gen.prompt_mask[idx], valid[:, :width]], 1).long()
+    return ids, mask, width
 
 
 def train(
