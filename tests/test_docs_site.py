@@ -49,5 +49,5 @@ def test_docs_site_builds_strict(tmp_path: Path) -> None:
     objective = (site / "api" / "objective" / "index.html").read_text(encoding="utf-8")
     assert 'id="proxim.objective.Objective"' in objective
     ppo = (site / "api" / "plugins" / "ppo" / "index.html").read_text(encoding="utf-8")
-    assert 'id="proxim.plugins.ppo.GAE"' in ppo
+    assert 'id="proxim_plugins.ppo.GAE"' in ppo
     assert (site / "index.html").is_file()

@@ -240,7 +240,7 @@ def test_import_proxim_scans_nothing_and_imports_only_its_core() -> None:
     code = (
         "import sys, proxim\n"
         "assert proxim.default_registry.cache_info().currsize == 0, 'registry built at import'\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('proxim.plugins'))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('proxim_plugins'))\n"
         "heavy = sorted(m for m in ('transformers', 'accelerate', 'hypothesis', 'pytest', 'numpy.random') if m in sys.modules)\n"
         "print(loaded, heavy)\n"
     )
@@ -250,6 +250,6 @@ def test_import_proxim_scans_nothing_and_imports_only_its_core() -> None:
 
 def test_available_and_cli_list_parts_with_distribution(site: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "proxim", "plugins"], capture_output=True, text=True, check=True)
-    assert "grpo  (proxim 0.1.0; proxim.plugins.grpo)" in out.stdout
+    assert "grpo  (proxim 0.1.0; proxim_plugins.grpo)" in out.stdout
     assert "    region quadratic" in out.stdout
     assert "presets: cispo, dapo, dppo, dr_grpo, drpo, grpo, gspo, lampo, ppo, reinforce_pp, rloo" in out.stdout

@@ -17,9 +17,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import proxim
-from proxim.plugins.grpo import GroupMeanBaseline, GroupNormalized
-from proxim.plugins.ppo import NoBaseline
-from proxim.plugins.reinforce_pp import ReturnToGo, Whitened
+from proxim_plugins.grpo import GroupMeanBaseline, GroupNormalized
+from proxim_plugins.ppo import NoBaseline
+from proxim_plugins.reinforce_pp import ReturnToGo, Whitened
 
 from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import proxim
-from proxim.plugins.grpo import GroupMeanBaseline
-from proxim.plugins.ppo import BatchMeanBaseline, CriticBaseline, NoBaseline
-from proxim.plugins.rloo import LeaveOneOutBaseline
+from proxim_plugins.grpo import GroupMeanBaseline
+from proxim_plugins.ppo import BatchMeanBaseline, CriticBaseline, NoBaseline
+from proxim_plugins.rloo import LeaveOneOutBaseline
 
 from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 import proxim
 from stage_two import coefficients
-from proxim.plugins.dppo import DivergenceMask, binary_kl
-from proxim.plugins.ppo import Clip
+from proxim_plugins.dppo import DivergenceMask, binary_kl
+from proxim_plugins.ppo import Clip
 
 F64 = torch.float64
 ATOL = 1e-12
@@ -183,8 +183,10 @@ def test_binary_kl_is_a_divergence_and_matches_the_reference(p: float, mu: float
     assert d >= -1e-15
     if abs(p - mu) >= 1e-3:
         assert d > 0
+    # At p == mu the first term is exactly 0; the second is log of (1 - mu + 1e-8) / (1 - exp(log mu) + 1e-8),
+    # where exp(log mu) may differ from mu by one rounding: |D| is then a few 1e-16 (seen: -1.1e-16 at mu 0.487).
     same = float(binary_kl(mu_t, mu_t.log(), mu_t.log()))
-    assert same == 0.0
+    assert abs(same) <= 1e-15
 
 
 @settings(deadline=None, max_examples=40)

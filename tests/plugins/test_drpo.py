@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import proxim
 from stage_two import coefficients
-from proxim.plugins.dppo import DivergenceMask
-from proxim.plugins.drpo import Quadratic
+from proxim_plugins.dppo import DivergenceMask
+from proxim_plugins.drpo import Quadratic
 
 F64 = torch.float64
 ATOL = 1e-12

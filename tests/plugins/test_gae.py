@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import proxim
-from proxim.plugins.ppo import GAE, CriticBaseline
+from proxim_plugins.ppo import GAE, CriticBaseline
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}

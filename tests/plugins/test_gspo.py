@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import proxim
 from proxim.aggregation import aggregate
-from proxim.plugins.gspo import SequenceClip
+from proxim_plugins.gspo import SequenceClip
 
 F64 = torch.float64
 ATOL = 1e-12

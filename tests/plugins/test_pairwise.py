@@ -21,8 +21,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import proxim
-from proxim.plugins.lampo import Pairwise
-from proxim.plugins.ppo import NoBaseline
+from proxim_plugins.lampo import Pairwise
+from proxim_plugins.ppo import NoBaseline
 from stage_one import REWARD, draw_groups, draw_mask
 
 F64 = torch.float64

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 import proxim
 from stage_two import coefficients
-from proxim.plugins.cispo import CISPO
-from proxim.plugins.dppo import DivergenceMask
-from proxim.plugins.drpo import Quadratic
-from proxim.plugins.gspo import SequenceClip
-from proxim.plugins.ppo import Clip, NoRegion
+from proxim_plugins.cispo import CISPO
+from proxim_plugins.dppo import DivergenceMask
+from proxim_plugins.drpo import Quadratic
+from proxim_plugins.gspo import SequenceClip
+from proxim_plugins.ppo import Clip, NoRegion
 
 F64 = torch.float64
 ATOL = 1e-12

@@ -13,7 +13,7 @@ import json
 import random
 
 import torch
-from proxim.plugins import tasks
+from proxim_plugins import tasks
 from proxim.train import train
 from proxim.train.loop import step_seed
 from proxim.train.models import build_tiny_model, byte_tokenizer, tiny_config

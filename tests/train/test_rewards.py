@@ -12,7 +12,7 @@ from proxim.train.rewards import Reward, RewardModel, load_function, score
 
 
 def test_load_function_from_module_and_file(tmp_path: Path) -> None:
-    fn = load_function("proxim.plugins.tasks:_answers")
+    fn = load_function("proxim_plugins.tasks:_answers")
     assert callable(fn)
     (tmp_path / "myrewards.py").write_text("def brevity(prompts, completions, **batch):\n    return [-len(c) for c in completions]\n")
     brevity = load_function(f"{tmp_path / 'myrewards.py'}:brevity")
@@ -20,7 +20,7 @@ def test_load_function_from_module_and_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="module:function"):
         load_function("no_colon_here")
     with pytest.raises(AttributeError, match="no callable 'missing'"):
-        load_function("proxim.plugins.tasks:missing")
+        load_function("proxim_plugins.tasks:missing")
 
 
 def test_weighted_sum_and_per_function_values() -> None:

@@ -1,0 +1,316 @@
+"""Log-probs of sampled tokens without materialising the whole ``[B, T, V]`` log-softmax.
+
+The vocabulary dominates memory: a full log-softmax over ``B*T`` positions costs ``B*T*V`` floats (and
+as much again for its gradient). Here the output head is applied to chunks of at most ``chunk_size``
+positions; each chunk's logits live only while its log-softmax at the sampled token is taken, and the
+backward pass recomputes the chunk's logits instead of keeping them. Peak extra memory: about
+``2 * chunk_size * V`` floats (a chunk's logits and their softmax or gradient).
+
+Two paths. A plain ``nn.Linear`` head (every Llama/Qwen/Mistral/GPT-2 output embedding) and given logits
+go through `_ChunkedLinearLogprobs`, one autograd function whose backward writes each chunk's logit
+gradient ``(onehot(target) - softmax(z)) * g / temperature`` in place and multiplies it straight into the
+hidden-state and weight gradients: one recomputed matmul per chunk and no autograd graph per chunk. Any
+other head callable is wrapped in `torch.utils.checkpoint` per chunk (the generic path). On CPU the chunks
+are further cut to about `_CPU_CHUNK_BYTES` of logits (never below 256 positions), because the
+elementwise passes over a chunk run several times faster while it stays in cache (benchmarks/logprobs.py).
+
+Positions: a scored sequence is ``prompt (left-padded to P) + response (T)``. The hidden state at
+position ``P - 1 + t`` predicts response token ``t``, so the last input token is never fed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """[B, L] positions counting only attended tokens, as `generate` computes them for left-padded prompts."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _chunk_stats(logits: Tensor, targets: Tensor, temperature: float, want_entropy: bool) -> tuple[Tensor, Tensor]:
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # at least float32
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not want_entropy:
+        return lp, torch.zeros_like(lp)
+    p = torch.softmax(z, dim=-1)
+    return lp, lse - (p * z).sum(-1)
+
+
+def gather_logprobs(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(head(hidden) / temperature)[target] per position, and optionally the entropy.
+
+    hidden: [B, T, H] hidden states; head: maps [N, H] -> [N, V] logits; targets: [B, T] int64.
+    Returns logprobs [B, T] and entropy [B, T] (or None), in float32 or the logits' dtype if wider. At most `chunk_size`
+    positions' logits exist at once, in the forward and in the backward.
+    """
+    B, T = targets.shape
+    flat_h = hidden.reshape(B * T, hidden.shape[-1])
+    flat_t = targets.reshape(B * T)
+    chunk_size = max(1, chunk_size)
+    if B * T == 0:
+        lp = flat_h.new_zeros(B, T, dtype=torch.promote_types(flat_h.dtype, torch.float32))
+        return lp, torch.zeros_like(lp) if entropy else None
+    weight, bias = _linear_parts(head)
+    if weight is not None or head is _identity:
+        vocab = weight.shape[0] if weight is not None else flat_h.shape[-1]
+        rows = chunk_size
+        if flat_h.device.type == "cpu":
+            rows = min(chunk_size, max(256, _CPU_CHUNK_BYTES // (4 * max(vocab, 1))))
+        lp, ent = _ChunkedLinearLogprobs.apply(flat_h, weight, bias, flat_t, float(temperature), rows, entropy)  # type: ignore[no-untyped-call]
+        return lp.reshape(B, T), ent.reshape(B, T) if entropy else None
+    use_checkpoint = torch.is_grad_enabled() and flat_h.requires_grad
+
+    def chunk(h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return _chunk_stats(head(h), t, temperature, entropy)
+
+    lps, ents = [], []
+    for start in range(0, B * T, chunk_size):
+        h, t = flat_h[start : start + chunk_size], flat_t[start : start + chunk_size]
+        lp, ent = checkpoint(chunk, h, t, use_reentrant=False) if use_checkpoint else chunk(h, t)
+        lps.append(lp)
+        ents.append(ent)
+    lp = torch.cat(lps).reshape(B, T)
+    return lp, torch.cat(ents).reshape(B, T) if entropy else None
+
+
+_CPU_CHUNK_BYTES = 32 * 2**20
+"""On CPU, logits per chunk (bytes) beyond which the elementwise passes fall out of cache; see the module docstring."""
+
+
+def _linear_parts(head: Any) -> tuple[Tensor | None, Tensor | None]:
+    """(weight, bias) of a plain ``nn.Linear`` head with no hooks; (None, None) for anything else."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return None, None
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return None, None
+    return head.weight, head.bias
+
+
+class _ChunkedLinearLogprobs(torch.autograd.Function):
+    """``log_softmax(F.linear(h, weight, bias) / tau)[target]`` (and entropy), ``rows`` positions at a time.
+
+    h: [N, H] (or [N, V] logits when `weight` is None); targets: [N]. Returns (logprobs [N], entropy [N] or
+    an empty tensor). Saves only its inputs; the backward recomputes each chunk's logits z (the same
+    autocast dtype as the forward's) and, with p = softmax(z / tau) and upstream gradients g (logprobs)
+    and e (entropy), uses  dlogprob/dz = (onehot(target) - p) / tau  and
+    dentropy/dz = -p * (z / tau - sum(p * z / tau)) / tau.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor | None, bias: Tensor | None, targets: Tensor,
+                temperature: float, rows: int, want_entropy: bool) -> tuple[Tensor, Tensor]:
+        N = h.shape[0]
+        lp: Tensor | None = None
+        ent: Tensor | None = None
+        logits_dtype = None
+        for start in range(0, N, rows):
+            z, fresh = _chunk_logits(h[start : start + rows], weight, bias, None)
+            logits_dtype = logits_dtype or z.dtype
+            z = _scaled_float(z, fresh, temperature)
+            if lp is None:
+                lp = z.new_empty(N)
+                ent = z.new_empty(N if want_entropy else 0)
+            t = targets[start : start + rows].unsqueeze(-1)
+            ls = torch.log_softmax(z, dim=-1)
+            del z
+            lp[start : start + rows] = ls.gather(-1, t).squeeze(-1)
+            if want_entropy:
+                assert ent is not None
+                ent[start : start + rows] = -(ls.exp() * ls).sum(-1)
+            del ls
+        assert lp is not None and ent is not None
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.temperature, ctx.rows, ctx.logits_dtype = temperature, rows, logits_dtype
+        if not want_entropy:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_lp: Tensor | None, grad_ent: Tensor | None) -> tuple[Tensor | None, ...]:
+        h, weight, bias, targets = ctx.saved_tensors
+        tau, rows, cd = ctx.temperature, ctx.rows, ctx.logits_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        N = h.shape[0]
+        if grad_ent is not None and grad_ent.numel() == 0:
+            grad_ent = None
+        grad_h = torch.empty_like(h) if need_h else None
+        w = weight.to(cd) if weight is not None else None
+        b = bias.to(cd) if bias is not None else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.promote_types(bias.dtype, torch.float32), device=bias.device) if need_b else None
+        for start in range(0, N, rows):
+            stop = min(start + rows, N)
+            hc = h[start:stop]
+            z, fresh = _chunk_logits(hc, w, b, cd)
+            z = _scaled_float(z, fresh, tau)
+            g = grad_lp[start:stop].to(z.dtype) / tau if grad_lp is not None else None
+            p = torch.softmax(z, dim=-1)
+            if grad_ent is not None:  # dz = p * (-g - e * (z - mu)) / tau + onehot * g / tau
+                e = grad_ent[start:stop].to(z.dtype).unsqueeze(-1) / tau
+                mu = (p * z).sum(-1, keepdim=True)
+                if not fresh:
+                    z = z.clone()
+                gz = z.sub_(mu).mul_(e.neg())
+                if g is not None:
+                    gz.sub_(g.unsqueeze(-1))
+                gz.mul_(p)
+                del p
+            else:
+                gz = p.mul_(g.neg().unsqueeze(-1)) if g is not None else torch.zeros_like(p)
+            del z
+            if g is not None:
+                gz.scatter_add_(-1, targets[start:stop].unsqueeze(-1), g.unsqueeze(-1))
+            if weight is None:  # h were the logits
+                if grad_h is not None:
+                    grad_h[start:stop] = gz
+                continue
+            assert w is not None
+            gzc = gz.to(cd)
+            if grad_h is not None:
+                torch.mm(gzc, w, out=grad_h[start:stop]) if grad_h.dtype == cd else grad_h[start:stop].copy_(gzc @ w)
+            if grad_w is not None:
+                if grad_w.dtype == cd:
+                    grad_w.addmm_(gzc.T, hc.to(cd))
+                else:
+                    grad_w += (gzc.T @ hc.to(cd)).to(grad_w.dtype)
+            if grad_b is not None:
+                grad_b += gz.sum(0).to(grad_b.dtype)
+            del gz
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+            None, None, None, None,
+        )
+
+
+def _chunk_logits(h: Tensor, weight: Tensor | None, bias: Tensor | None, dtype: torch.dtype | None) -> tuple[Tensor, bool]:
+    """[c, V] logits of a chunk, and whether the tensor is new (safe to modify in place). `dtype`: cast
+    the inputs first (the backward reproducing the forward's autocast dtype); None: as the forward runs."""
+    if weight is None:
+        return h, False
+    if dtype is not None:
+        h = h.to(dtype)
+    return torch.nn.functional.linear(h, weight, bias), True
+
+
+def _scaled_float(z: Tensor, fresh: bool, temperature: float) -> Tensor:
+    """z / temperature in at least float32, in place when `z` is a fresh float32 tensor."""
+    wide = torch.promote_types(z.dtype, torch.float32)
+    if z.dtype != wide:
+        z, fresh = z.to(wide), True
+    if temperature != 1.0:
+        z = z.div_(temperature) if fresh else z / temperature
+    return z
+
+
+def logprobs_from_logits(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, chunk_size: int = 4096, entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Like `gather_logprobs` for logits a model already produced ([B, T, V]): the log-softmax is chunked."""
+    return gather_logprobs(logits, _identity, targets, temperature, chunk_size, entropy)
+
+
+def _identity(z: Tensor) -> Tensor:
+    return z
+
+
+def _split_reproduces_logits(lm: Any) -> bool:
+    """True when ``output_head(decoder(x))`` equals ``lm(x).logits`` (no logit soft-capping or scaling)."""
+    decoder = getattr(lm, "get_decoder", lambda: None)()
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is lm:
+        return False
+    vocab = int(getattr(lm.config, "vocab_size", 2))
+    ids = torch.arange(6, device=next(lm.parameters()).device).remainder(max(vocab, 1)).reshape(1, 6)
+    mask = torch.ones_like(ids)
+    try:
+        with torch.no_grad():
+            full = lm(input_ids=ids, attention_mask=mask).logits
+            split = head(decoder(input_ids=ids, attention_mask=mask).last_hidden_state)
+    except Exception:  # noqa: BLE001 - any model that does not fit the split path uses full logits
+        return False
+    return full.shape == split.shape and torch.allclose(full.float(), split.float(), rtol=1e-4, atol=1e-5)
+
+
+class PolicyScorer(nn.Module):
+    """A causal LM wrapped so that one `forward` (the one DDP sees) returns response log-probs.
+
+    ``forward(input_ids [B, P+T], attention_mask [B, P+T], targets [B, T]) -> (logprobs [B, T], entropy | None)``.
+    When the model is a decoder plus an output head (Llama, Qwen, Mistral, GPT-2, ...), the head is
+    applied in chunks to the decoder's hidden states (`gather_logprobs`); otherwise the model's own
+    logits for the T response positions are taken and only the log-softmax is chunked.
+    """
+
+    def __init__(self, lm: Any, chunk_size: int = 4096):
+        super().__init__()
+        self.lm: Any = lm
+        self.chunk_size = chunk_size
+        self.split = _split_reproduces_logits(lm)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        T = targets.shape[1]
+        ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+        pos = position_ids(mask)
+        if self.split:
+            hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            return gather_logprobs(hidden[:, -T:], self.lm.get_output_embeddings(), targets, temperature, self.chunk_size, entropy)
+        try:
+            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T).logits
+        except TypeError:  # a model without logits_to_keep
+            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        return logprobs_from_logits(logits[:, -T:], targets, temperature, self.chunk_size, entropy)
+
+
+class ValueModel(nn.Module):
+    """A critic: a value head (Linear(hidden, 1)) on its own decoder backbone.
+
+    ``forward(input_ids [B, P+T], attention_mask [B, P+T], T) -> values [B, T]``, the value V(s_t) of the
+    state before response token t (read at the same positions as the log-probs). The head starts at
+    zero, so the first values are 0 and the backbone starts from the policy's own weights.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, T: int) -> Tensor:
+        ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+        values: Tensor = self.head(hidden[:, -T:].float()).squeeze(-1)
+        return values
+
+
+def build_critic(lm: nn.Module, backbone: nn.Module | None = None) -> ValueModel:
+    """A critic whose backbone is `backbone` (e.g. a loaded AutoModel) or a copy of `lm`'s decoder."""
+    import copy
+
+    if backbone is None:
+        decoder = getattr(lm, "get_decoder", lambda: None)()
+        if decoder is None or decoder is lm:
+            raise ValueError(f"{type(lm).__name__} exposes no decoder backbone (get_decoder()); give the critic its own model path.")
+        backbone = copy.deepcopy(decoder)
+    hidden = getattr(backbone.config, "hidden_size", None) if hasattr(backbone, "config") else None
+    if hidden is None:
+        raise ValueError("the critic backbone's config has no hidden_size.")
+    return ValueModel(backbone, int(hidden))
