@@ -1,4 +1,4 @@
-"""Loss aggregation: how a per-token loss [B, T] becomes a scalar (ALGORITHMS.md section 5).
+"""Loss aggregation: how a per-token loss [B, T] becomes a scalar (docs/invariants.md, invariants 31-35).
 
 With `n_i` valid tokens in row i and `S` the number of rows with at least one valid token:
 

@@ -29,7 +29,7 @@ class Quadratic(proxim.TrustRegion):
     Hyperparameters: delta 12.5 (> 0), mu_weighted True. The default 12.5 is the reference
     implementation's literal "regularization threshold"; read as a TV radius it can never be reached
     (w stays in [0.92, 1.08]), so the penalty is weak. An inverse reading (delta = 0.08) is plausible;
-    the paper's text is ambiguous (ALGORITHMS.md 3.4.6), so try e.g. delta=0.1 too. Shapes [B, T].
+    the paper's text is ambiguous (docs/parts.md, the delta scale question), so try e.g. delta=0.1 too. Shapes [B, T].
     Metrics: clip_fraction_high / clip_fraction_low, the fractions beyond the boundary (w < 0) with
     A > 0 / A < 0; weight_mean, the mean of w over valid tokens (w = 1 where A = 0); none with
     ``metrics=False``.

@@ -1,7 +1,7 @@
 """LamPO's pairwise-decomposed advantage (arXiv 2605.21235, WITHDRAWN). EXPERIMENTAL reconstruction.
 
 Only the structure of the method is public (abstract and introduction); every choice below is a
-parameter. See ALGORITHMS.md 4.6 and docs/parts.md. Registers the advantage ``pairwise`` and the
+parameter. See docs/parts.md (``pairwise``). Registers the advantage ``pairwise`` and the
 ``lampo`` preset; the region is PPO's ``clip``, reused by name.
 """
 
@@ -105,6 +105,6 @@ def proxim_register_presets(register: proxim.Register[proxim.Preset]) -> None:
                 "kl_coef": 0.0,
             },
             summary="LamPO (experimental reconstruction; paper withdrawn): pairwise confidence-weighted advantage, clip 0.2.",
-            source="arXiv 2605.21235 (withdrawn); ALGORITHMS.md 4.6",
+            source="arXiv 2605.21235 (withdrawn); reconstruction in docs/parts.md",
         )
     )

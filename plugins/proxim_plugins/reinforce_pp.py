@@ -48,7 +48,7 @@ class Whitened(proxim.Advantage):
 
     A_t = (x_t - mean) / sqrt(var + eps),  x_t = G_t - b,  with the mean and the Bessel-corrected
     variance over all valid tokens of the batch (token-weighted, as verl's ``masked_whiten``; the
-    paper's description normalises per sequence, see ALGORITHMS 10.8). With baseline ``none`` this is
+    paper's description normalises per sequence, i.e. ``group_normalized(scale="batch")``). With baseline ``none`` this is
     REINFORCE++; with ``group_mean`` it is REINFORCE++-baseline.
 
     Hyperparameters: gamma 1.0 in [0, 1]; eps 1e-8 > 0. Token rewards. Requires nothing.

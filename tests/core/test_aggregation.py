@@ -1,7 +1,7 @@
-"""Aggregation (ALGORITHMS.md section 5, invariants 31-35): hand values, a loop reference, padding, micro-batch and
+"""Aggregation (docs/invariants.md, invariants 31-35): hand values, a loop reference, padding, micro-batch and
 permutation invariance, length weighting, and fully masked rows and batches through `Objective.loss`.
 
-Gradients are taken on float64 leaf log-probs (ALGORITHMS.md section 9).
+Gradients are taken on float64 leaf log-probs (docs/invariants.md, conventions).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ REGIONS = ("clip", "none", "cispo", "divergence_mask", "quadratic", "sequence_cl
 
 
 def ref_aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, max_length: int | None = None) -> float:
-    """Plain-Python loops over rows and tokens; rows with no valid token are not counted (ALGORITHMS 5)."""
+    """Plain-Python loops over rows and tokens; rows with no valid token are not counted (docs/parts.md, Aggregation)."""
     rows = []
     for i in range(loss.shape[0]):
         vals = [loss[i, t].item() for t in range(loss.shape[1]) if mask[i, t]]

@@ -1,4 +1,4 @@
-"""Penalties (ALGORITHMS.md section 6, invariants 36-40): KL estimators, KL in the loss and in the reward, the
+"""Penalties (docs/parts.md; docs/invariants.md, invariants 36-40): KL estimators, KL in the loss and in the reward, the
 adaptive KL controller, the entropy bonus, the clipped value loss, and their stage-2 errors.
 
 Expected values are computed by hand (derivation in a comment) or by plain-Python / independent torch
@@ -26,7 +26,7 @@ NAN = float("nan")
 
 
 def ref_k(d: float, estimator: str) -> tuple[float, float]:
-    """(value, d value / d lp) of Schulman's estimators at d = lp - lp_ref (ALGORITHMS 6.2)."""
+    """(value, d value / d lp) of Schulman's estimators at d = lp - lp_ref (docs/invariants.md, invariant 36)."""
     if estimator == "k1":
         return d, 1.0
     if estimator == "k2":

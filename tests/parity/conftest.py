@@ -80,7 +80,7 @@ def _load_trl_harness() -> Any:
 def trl_loss() -> Callable[..., torch.Tensor]:
     """``trl_loss(loss_type, logprobs, old, advantages, mask, ref=None, beta=0.0, ..., **grpo_config) -> loss``.
 
-    Runs TRL's own ``GRPOTrainer._compute_loss`` (PEERS.md 2.1 harness, peers/trl_harness.py): the object is
+    Runs TRL's own ``GRPOTrainer._compute_loss`` (the stub-trainer harness in peers/trl_harness.py): the object is
     made without ``__init__``, the attributes the method reads are set from a real ``GRPOConfig``, and the
     model call that would produce per-token log-probs returns `logprobs` (a leaf with grad) instead.
     """

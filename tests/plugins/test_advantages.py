@@ -2,7 +2,7 @@
 (REINFORCE++), KL-in-reward shaping, the stage-1 metrics, and bad input.
 
 Expected values come from hand computations (comments) or plain-Python loops written here, never from the
-code under test. ALGORITHMS.md sections 4.2-4.5, 6.1 and invariants 1-4, 6-8, 10 of 9.1 and 38 of 9.4.
+code under test. See docs/parts.md (Advantages, Penalties) and docs/invariants.md, invariants 1-4, 6-8, 10 and 38.
 """
 
 from __future__ import annotations
@@ -487,7 +487,7 @@ def test_fully_masked_row_counts_in_its_group_for_token_level_advantages_too() -
     torch.testing.assert_close(token_level.advantages(batch).advantages, torch.zeros(3, 2, dtype=F64), **TOL)
 
 
-# -- KL in the reward (ALGORITHMS 6.1; invariant 38) ------------------------------------------------------------------
+# -- KL in the reward (docs/parts.md, Penalties; invariant 38) --------------------------------------------------------
 
 
 def k_ref(d: float, estimator: str) -> float:

@@ -2,8 +2,8 @@
 
 With ``advantage="diff"`` the advantage is A_i = R_i - b_i broadcast over the response's valid tokens
 (or R_i - V(s_t) with the critic), so every baseline value can be read off the advantages. Expected values
-come from hand computations (comments) or plain-Python loops written here; ALGORITHMS.md section 4 and
-invariants 5, 6, 7 and 10 of section 9.1.
+come from hand computations (comments) or plain-Python loops written here; docs/parts.md (Baselines) and
+docs/invariants.md, invariants 5, 6, 7 and 10.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_leave_one_out_matches_a_loop_and_the_rloo_identities(batch: proxim.Roll
         assert abs(float(rows[rows_of_group].sum())) < 1e-12
 
 
-# -- invariants (ALGORITHMS 9.1) --------------------------------------------------------------------------
+# -- invariants (docs/invariants.md) ----------------------------------------------------------------------
 
 
 @settings(deadline=None, max_examples=40)

@@ -1,6 +1,6 @@
 """DPPO's `divergence_mask` region (arXiv 2602.04879): Binary-TV and Binary-KL masks, truncated IS, metrics.
 
-g = -d loss / d lp per token on a float64 leaf (ALGORITHMS.md section 9). The region writes the surrogate
+g = -d loss / d lp per token on a float64 leaf (docs/invariants.md, conventions). The region writes the surrogate
 ratio-valued, j = M sg(min(r, C)/r) r A, so g = M min(r, C) A: the gradient of the paper's and verl's
 sg-log form -A sg(min(r, C)) M lp. Expected values come from plain-Python references.
 """
@@ -29,7 +29,7 @@ def ref_binary_kl(mu: float, p: float, guard: float = 1e-8) -> float:
 
 
 def ref_mask(p: float, mu: float, a: float, divergence: str, delta_low: float, delta_high: float) -> float:
-    """M = 0 iff the token moved in the direction A pushes by more than delta (ALGORITHMS 3.3)."""
+    """M = 0 iff the token moved in the direction A pushes by more than delta (docs/parts.md, divergence_mask)."""
     if divergence == "tv":
         up, down = p - mu > delta_high, mu - p > delta_low
     else:

@@ -1,6 +1,6 @@
 """DRPO's `quadratic` region (arXiv 2606.09821, Eq. 8) and its SPO reduction (`mu_weighted=False`).
 
-g = -d loss / d lp per token on a float64 leaf (ALGORITHMS.md section 9). Closed forms (ALGORITHMS 3.4.3):
+g = -d loss / d lp per token on a float64 leaf (docs/invariants.md, conventions). Closed forms (invariants 20, 26):
   loss = -A r + |A| mu (r - 1)^2 / (2 delta)
   g    = A r w,  w = 1 - sign(A) (p - mu) / delta        (DRPO; mu (r - 1) = p - mu)
   w    = 1 - sign(A) (r - 1) / delta                      (SPO)
@@ -234,7 +234,7 @@ def test_region_metrics_by_hand() -> None:
 
 
 def test_preset_uses_the_reference_recipe() -> None:
-    # ALGORITHMS 3.4.5: delta 12.5 (literal reading, see 3.4.6), mu-weighted, token sum / L_max, no KL, no std.
+    # Reference recipe (docs/presets.md, drpo): delta 12.5 (literal reading), mu-weighted, token sum / L_max, no KL, no std.
     obj = proxim.objective("drpo")
     assert (obj.region.delta, obj.region.mu_weighted) == (12.5, True)
     assert (obj.options.aggregation, obj.options.kl_coef, obj.advantage.scale) == ("seq_mean_token_sum_norm", 0.0, "none")

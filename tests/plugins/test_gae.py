@@ -1,4 +1,4 @@
-"""GAE (arXiv 1506.02438) with the critic baseline: hand values, a loop reference, and invariant 9 of ALGORITHMS 9.1.
+"""GAE (arXiv 1506.02438) with the critic baseline: hand values, a loop reference, and invariant 9 of docs/invariants.md.
 
 delta_t = rew_t + gamma V_{t+1} - V_t (V after the last valid token = 0), A_t = delta_t + gamma lam A_{t+1},
 Ret_t = A_t + V_t. Padding inside a row is skipped (masked positions neither take a value nor break the

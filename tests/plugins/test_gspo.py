@@ -2,7 +2,7 @@
 
 s_i = exp(mean over row i's valid tokens of (lp - anchor)); j = min(s A, clip(s, 1 - eps_low, 1 + eps_high) A).
 The region returns j's negation at every token of the row; aggregated with seq_mean_token_mean it is the
-paper's (1/G) sum_i j_i. Gradients are taken on a float64 leaf (ALGORITHMS.md section 9); expected values
+paper's (1/G) sum_i j_i. Gradients are taken on a float64 leaf (docs/invariants.md, conventions); expected values
 come from plain-Python references.
 """
 

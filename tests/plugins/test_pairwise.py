@@ -1,11 +1,11 @@
-"""LamPO's pairwise-decomposed advantage (the labelled reconstruction of ALGORITHMS 4.6; paper withdrawn).
+"""LamPO's pairwise-decomposed advantage (the labelled reconstruction in docs/parts.md; paper withdrawn).
 
   l_i  = sum_t old_logprobs (divided by the valid-token count when length_norm)
   w_ij = sigmoid(-sign(x_i - x_j) (l_i - l_j) / tau),   x = R - b
   A_i  = (1/Z_i) sum_{j in group, j != i} w_ij (x_i - x_j),  Z_i = G_i - 1 | sum_j w_ij | 1
   then optionally / (std + eps) per group or over the batch.
 
-Expected values come from hand computations or the loop reference below. Invariant 12 of ALGORITHMS 9.1,
+Expected values come from hand computations or the loop reference below. Invariant 12 of docs/invariants.md,
 plus 6 and 7 (permutation equivariance, group independence).
 """
 

@@ -1,4 +1,4 @@
-"""Offline preference losses (DPO, IPO, hinge): ALGORITHMS §8 and the §9.5 invariants."""
+"""Offline preference losses (DPO, IPO, hinge): docs/parts.md and invariants 41-42 of docs/invariants.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Trust regions `clip` (asymmetric, dual clip), `none` and `cispo`; invariants shared by every built-in region;
 region metrics; bad input to stage 2.
 
-Convention (ALGORITHMS.md section 9): log-probs are a float64 leaf tensor and `g = -d loss / d lp` is each
+Convention (docs/invariants.md, conventions): log-probs are a float64 leaf tensor and `g = -d loss / d lp` is each
 token's effective coefficient. A region's loss is per token [B, T], so autograd of its sum gives g per
 token. Expected values come from plain-Python references written from the formulas, never from the code
 under test.
@@ -54,7 +54,7 @@ def far_from(values, bounds, gap=1e-9):  # type: ignore[no-untyped-def]
     return all(abs(v - b) > gap for v in values for b in bounds)
 
 
-# -- PPO clip: independent reference (ALGORITHMS.md 3.2) ------------------------------------------------
+# -- PPO clip: independent reference (docs/parts.md, clip) ----------------------------------------------
 
 
 def ref_clip(r: float, a: float, eps_low: float, eps_high: float, c: float | None = None) -> tuple[float, float]:
@@ -179,7 +179,7 @@ def test_clip_equals_its_mask_form(toks, eps_low: float, eps_high: float) -> Non
 @settings(deadline=None, max_examples=40)
 @given(tokens())
 def test_none_is_importance_weighted_policy_gradient(toks) -> None:  # type: ignore[no-untyped-def]
-    # j = r A, g = A r (ALGORITHMS 3.1 PG-IS).
+    # j = r A, g = A r (PG-IS, the importance-weighted policy gradient).
     lp, anchor, adv = row(toks)
     r = ratios(lp, anchor)
     loss, g = coefficients(NoRegion(), lp, anchor, adv)
