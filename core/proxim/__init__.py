@@ -24,7 +24,7 @@ from proxim.errors import (
     UnknownNameError,
 )
 from proxim.hookspecs import Register, hookimpl
-from proxim.objective import Objective, Options, objective
+from proxim.objective import Objective, Options, objective, preference_objective
 from proxim.parts import Advantage, Baseline, Part, Preference, Preset, RegionOutput, TrustRegion
 from proxim.penalties import AdaptiveKLController, FixedKLController, value_loss
 from proxim.preference import PreferenceObjective
@@ -65,5 +65,6 @@ __all__ = [
     "hookimpl",
     "objective",
     "ops",
+    "preference_objective",
     "value_loss",
 ]

@@ -7,10 +7,11 @@ tensors: it never calls ``.item()``, never mutates its inputs, and holds no stat
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
-from collections.abc import Mapping
-from typing import Any, ClassVar, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import ClassVar, NamedTuple
 
 import attrs
 from torch import Tensor
@@ -49,7 +50,7 @@ class Part:
         """Names of the fields that overrides may set."""
         return tuple(a.name for a in attrs.fields(cls)) if attrs.has(cls) else ()
 
-    def settings(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, object]:
         """Hyperparameter values, by name."""
         return {name: getattr(self, name) for name in self.hyperparameters()}
 
@@ -115,17 +116,57 @@ class RegionOutput(NamedTuple):
 class TrustRegion(Part):
     """The shape of the per-token loss: how far one update may move the policy.
 
-    ``__call__(logprobs, anchor, advantages, mask) -> RegionOutput``, all inputs [B, T]. ``logprobs``
-    carries the gradient; ``anchor`` (the old or rollout log-probs) and ``advantages`` are constants.
-    Masked positions hold 0 in every input; the region must not reduce over tokens except within a
-    sequence (``mask`` is given for that, e.g. GSPO's sequence ratio).
+    ``__call__(logprobs, anchor, advantages, mask, *, metrics=True) -> RegionOutput``, all inputs [B, T].
+    ``logprobs`` carries the gradient; ``anchor`` (the old or rollout log-probs) and ``advantages`` are
+    constants. Masked positions hold 0 in every input; the region must not reduce over tokens except
+    within a sequence (``mask`` is given for that, e.g. GSPO's sequence ratio).
+
+    A subclass whose ``__call__`` does not take ``metrics`` still works: when the class is created, that
+    ``__call__`` is wrapped once into one that accepts the keyword and ignores it (its metrics are then
+    computed and dropped when the objective asks for none).
     """
 
     kind = "region"
     call_arguments = ("logprobs", "anchor", "advantages", "mask")
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> RegionOutput:
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is not None and not _declares_metrics(call):
+            cls.__call__ = _ignoring_metrics(call)  # type: ignore[method-assign]
+
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, *, metrics: bool = True) -> RegionOutput:
+        """The per-token loss and metrics.
+
+        metrics: False when the caller will not log this step: the region may then skip its per-token
+                 diagnostics (return no or fewer metrics). The loss and its gradient must not change.
+        """
         raise NotImplementedError
+
+
+def _declares_metrics(call: Callable[..., object]) -> bool:
+    """Whether `call` takes ``metrics=`` by name: in its own signature (an adapter's, or a decorated
+    ``__call__``'s) or in the one it wraps (``functools.wraps``)."""
+    for follow_wrapped in (True, False):
+        try:
+            flag = inspect.signature(call, follow_wrapped=follow_wrapped).parameters.get("metrics")
+        except (TypeError, ValueError):
+            continue
+        if flag is not None and flag.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            return True
+    return False
+
+
+def _ignoring_metrics(call: Callable[..., RegionOutput]) -> Callable[..., RegionOutput]:
+    """`call` (a region's ``__call__`` written without ``metrics``) accepting ``metrics=`` and ignoring it.
+    `functools.wraps` keeps its name, docstring and signature (``inspect.signature`` follows ``__wrapped__``),
+    so the signature check at registration sees the region's own arguments."""
+
+    @functools.wraps(call)
+    def accepting_metrics(self: TrustRegion, /, *args: object, metrics: bool = True, **kwargs: object) -> RegionOutput:
+        return call(self, *args, **kwargs)
+
+    return accepting_metrics
 
 
 class Preference(Part):
@@ -160,7 +201,7 @@ class Preset:
     baseline: str
     advantage: str
     region: str
-    settings: Mapping[str, Any] = attrs.field(factory=dict)
+    settings: Mapping[str, object] = attrs.field(factory=dict)
     summary: str = ""
     source: str = ""
 

@@ -22,7 +22,8 @@ _INPUTS = ("chosen_logprobs", "rejected_logprobs", "ref_chosen_logprobs", "ref_r
 
 @attrs.frozen(kw_only=True, eq=False)
 class PreferenceObjective:
-    """A preference loss ready to call. Build it with ``proxim.objective("dpo", beta=0.1)``."""
+    """A preference loss ready to call. Build it with ``proxim.preference_objective("dpo", beta=0.1)``
+    (or ``proxim.objective("dpo", beta=0.1)``)."""
 
     preference: Preference
     source: PartInfo | None = None
@@ -38,7 +39,8 @@ class PreferenceObjective:
         origin = f"{info.distribution}=={info.version}" if info else type(self.preference).__qualname__
         return f"preference={self.preference.describe()}@{origin}"
 
-    def override(self, **overrides: Any) -> PreferenceObjective:
+    def override(self, **overrides: object) -> PreferenceObjective:
+        # cast: mypy's attrs plugin cannot see that every concrete Part is an attrs class.
         return attrs.evolve(self, preference=attrs.evolve(cast(Any, self.preference), **overrides))
 
     def __repr__(self) -> str:

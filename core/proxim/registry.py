@@ -16,14 +16,15 @@ import functools
 import os
 from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import attrs
 import pluggy
 
 from proxim import hookspecs
 from proxim.errors import DuplicateNameError, PluginError, UnknownNameError, suggest
-from proxim.parts import AXES, Part, Preset, check_part_class, check_task_class
+from proxim.parts import AXES, Advantage, Baseline, Part, Preference, Preset, TrustRegion, check_part_class, check_task_class
+from proxim.tasks import Task
 
 GROUP = "proxim"
 BUILTIN_DISTRIBUTION = "proxim"
@@ -55,6 +56,21 @@ class Registry:
 
     entries: dict[str, dict[str, tuple[Any, PartInfo]]]
     plugins: tuple[PluginRecord, ...] = ()
+
+    @overload
+    def get(self, kind: Literal["baseline"], name: str) -> type[Baseline]: ...
+    @overload
+    def get(self, kind: Literal["advantage"], name: str) -> type[Advantage]: ...
+    @overload
+    def get(self, kind: Literal["region"], name: str) -> type[TrustRegion]: ...
+    @overload
+    def get(self, kind: Literal["preference"], name: str) -> type[Preference]: ...
+    @overload
+    def get(self, kind: Literal["preset"], name: str) -> Preset: ...
+    @overload
+    def get(self, kind: Literal["task"], name: str) -> type[Task]: ...
+    @overload
+    def get(self, kind: str, name: str) -> Any: ...  # a kind known only at run time: any of the above
 
     def get(self, kind: str, name: str) -> Any:
         """The part class (or `Preset`) registered as `name`; `UnknownNameError` lists what exists."""

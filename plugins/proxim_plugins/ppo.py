@@ -186,7 +186,7 @@ class NoRegion(proxim.TrustRegion):
     name: ClassVar[str] = "none"
     properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "positively_homogeneous", "tokens_independent"})
 
-    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> proxim.RegionOutput:
+    def __call__(self, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor, metrics: bool = True) -> proxim.RegionOutput:
         return proxim.RegionOutput(loss=-_ratio(logprobs, anchor) * advantages)
 
 

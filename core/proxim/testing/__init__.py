@@ -26,26 +26,16 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import pytest
 
 from proxim.parts import Part
 from proxim.registry import Registry, build_registry
-from proxim.testing import checks as _checks
-from proxim.testing.checks import (
-    CHECKS,
-    DEFAULT_MAX_EXAMPLES,
-    PROPERTIES,
-    Check,
-    CheckFailure,
-    CheckResult,
-    Property,
-    as_instance,
-    checks_for,
-    run_checks,
-    short_name,
-)
+from proxim.testing import settings as _settings
+from proxim.testing.check import Check, CheckFailure, as_instance, short_name
+from proxim.testing.checks import CHECKS, CheckResult, checks_for, run_checks
+from proxim.testing.properties import PROPERTIES, Property
+from proxim.testing.settings import DEFAULT_MAX_EXAMPLES
 from proxim.testing.strategies import DTYPES, RegionInputs, region_inputs, rollouts
 
 __all__ = [
@@ -81,7 +71,7 @@ def parametrize_with_checks(
     max_examples: int | None = None,
     registry: Registry | None = None,
     device: str | None = None,
-) -> Any:
+) -> pytest.MarkDecorator:
     """A ``pytest.mark.parametrize`` over ``(part, check)`` for every applicable check of every part.
 
     parts:             part instances, or classes (built with their defaults).
@@ -150,19 +140,19 @@ def pytest_configure(config: pytest.Config) -> None:
     device = config.getoption("proxim_device", default=None)
     config.stash[_OPTION_SET] = chosen is not None or device is not None
     if chosen is not None:
-        _checks.set_default_max_examples(chosen)
+        _settings.set_default_max_examples(chosen)
     if device is not None:
-        _checks.set_default_device(device)
+        _settings.set_default_device(device)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if config.stash.get(_OPTION_SET, False):
-        _checks.set_default_max_examples(None)
-        _checks.set_default_device(None)
+        _settings.set_default_max_examples(None)
+        _settings.set_default_device(None)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"proxim.testing: {_checks.resolve_max_examples()} hypothesis examples per conformance check, on {_checks.resolve_device()}"
+    return f"proxim.testing: {_settings.resolve_max_examples()} hypothesis examples per conformance check, on {_settings.resolve_device()}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -11,7 +11,8 @@ from typing import TextIO
 from proxim.errors import suggest
 from proxim.parts import PART_KINDS
 from proxim.registry import Registry, build_registry
-from proxim.testing.checks import CheckResult, resolve_device, resolve_max_examples, run_checks
+from proxim.testing.checks import CheckResult, run_checks
+from proxim.testing.settings import resolve_device, resolve_max_examples
 
 
 def check_installed(

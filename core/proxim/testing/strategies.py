@@ -97,7 +97,7 @@ def _tensor(t: Tensor) -> str:
 
 
 @st.composite
-def masks(draw: Any, rows: int, tokens: int, *, min_tokens: int = 1, empty_row: bool = False) -> Tensor:
+def masks(draw: st.DrawFn, rows: int, tokens: int, *, min_tokens: int = 1, empty_row: bool = False) -> Tensor:
     """[rows, tokens] bool: right-padded or with holes; `min_tokens` valid tokens per row; one empty row on request."""
     if draw(st.booleans()):
         lengths = [draw(st.integers(min_tokens, tokens)) for _ in range(rows)]
@@ -113,7 +113,7 @@ def masks(draw: Any, rows: int, tokens: int, *, min_tokens: int = 1, empty_row: 
 
 
 @st.composite
-def group_layouts(draw: Any, *, min_group_size: int = 1, min_groups: int = 1) -> tuple[Tensor, Tensor]:
+def group_layouts(draw: st.DrawFn, *, min_group_size: int = 1, min_groups: int = 1) -> tuple[Tensor, Tensor]:
     """(slots [B] dense group index, ids [B] arbitrary distinct int64 ids): ragged groups, shuffled rows."""
     k = draw(st.integers(min_groups, MAX_GROUPS))
     top = max(3, min_group_size)
@@ -139,7 +139,7 @@ def _randn(gen: torch.Generator, shape: tuple[int, ...]) -> Tensor:
 
 @st.composite
 def stage_one_cases(
-    draw: Any,
+    draw: st.DrawFn,
     requires: Iterable[str] = (),
     *,
     token_rewards: bool | None = None,
@@ -232,7 +232,7 @@ def rollouts(requires: Iterable[str] = (), **options: Any) -> st.SearchStrategy[
 
 @st.composite
 def region_cases(
-    draw: Any,
+    draw: st.DrawFn,
     *,
     dtype: torch.dtype | None = None,
     min_tokens: int = 1,
@@ -292,7 +292,7 @@ class PreferenceCase:
 
 
 @st.composite
-def preference_cases(draw: Any, *, dtype: torch.dtype | None = None, min_pairs: int = 1) -> PreferenceCase:
+def preference_cases(draw: st.DrawFn, *, dtype: torch.dtype | None = None, min_pairs: int = 1) -> PreferenceCase:
     """A `PreferenceCase`: 1 to 8 pairs, log-ratios of scale 0 (chosen == rejected), 0.1, 1, 10 or 1000."""
     dtype = dtype or draw(st.sampled_from(DTYPES))
     pairs = draw(st.integers(min_pairs, max(min_pairs, 8)))
