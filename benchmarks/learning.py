@@ -176,8 +176,8 @@ def trl_child(spec: dict[str, Any]) -> None:
 
     import proxim
     import torch
-    from proxim.train.config import TrainConfig
-    from proxim.train.sft import task_accuracy
+    from proxim.train import TrainConfig
+    from proxim.train.evaluation import task_accuracy
     from transformers import TrainerCallback
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -192,7 +192,9 @@ def trl_child(spec: dict[str, Any]) -> None:
     evals: dict[str, Any] = {}
 
     def evaluate(model: Any, tokenizer: Any) -> float:
-        return task_accuracy(model, tokenizer, task, defaults.resolved_max_new_tokens(task))[1]
+        accuracy = task_accuracy(model, tokenizer, task, defaults.max_new_tokens_for(task))
+        assert accuracy is not None
+        return accuracy
 
     def record(step: int, accuracy: float | None) -> None:
         with open(run_dir / "metrics.jsonl", "a") as fh:
@@ -275,14 +277,15 @@ def main() -> None:
     print(text)
     if args.no_write:
         return
-    from proxim.train.plot import line_chart
+    from proxim.train.figures import Panel, Series, write_figure
 
     trl = "trl_grpo" in results
     png = LEARNING_PNG.with_name("learning_trl.png") if trl else LEARNING_PNG
     names = sorted(results)
     per_panel = 6  # the legend of one panel holds about six names
     panels = [names[i : i + per_panel] for i in range(0, len(names), per_panel)]
-    line_chart(png, [("held-out accuracy, mean over seeds", {p: mean_curve(results[p]) for p in panel}) for panel in panels])
+    curves = [Panel("Held-out accuracy, mean over seeds", "accuracy (greedy)", [Series(p, mean_curve(results[p])) for p in panel], percent=True) for panel in panels]
+    write_figure(png, curves, title="proxim presets on arithmetic")
     intro = (
         "proxim grpo (`grpo_vs_trl`) and TRL's GRPOTrainer (`trl_grpo`), each seed starting from the same saved warm "
         "start (`proxim sft --seed S`), with proxim grpo's defaults on both sides (TRL's settings: `peers/trl_trainer.py`, "

@@ -65,9 +65,9 @@ PROXIM_SETTINGS: dict[str, tuple[Any, str]] = {
 }
 #: cProfile entries whose cumulative time is shown for both trainers, as (label, substring of "file:line(function)").
 PHASES = (
-    ("rollout (proxim `_rollout`; TRL `_generate_and_score_completions`)", "", "_rollout|_generate_and_score_completions"),
+    ("rollout (proxim `Trainer.sample`, `rollout`; TRL `_generate_and_score_completions`)", "", "sample|rollout|_generate_and_score_completions"),
     ("  generate (transformers `generate`)", "generation/utils.py", "generate"),
-    ("scoring forwards (proxim `_score`: old, ref, policy; TRL `_get_per_token_logps_and_entropies`: ref, policy)", "", "_score|_get_per_token_logps_and_entropies"),
+    ("scoring forwards (proxim `response_logprobs`: old, ref, policy; TRL `_get_per_token_logps_and_entropies`: ref, policy)", "", "response_logprobs|_get_per_token_logps_and_entropies"),
     ("loss (proxim `Objective.loss`; TRL `_compute_loss` incl. its policy forward)", "", "loss|_compute_loss"),
     ("autograd backward (`run_backward`)", "", "<method 'run_backward' of 'torch._C._EngineBase' objects>"),
     ("optimiser step (`Optimizer.step` wrapper)", "torch/optim/optimizer.py", "wrapper|step"),
@@ -97,17 +97,18 @@ def _stamp(stamps: list[tuple[float, float]]) -> None:
 
 
 def run_proxim(spec: dict[str, Any]) -> dict[str, Any]:
-    from proxim.train import loop
-    from proxim.train.config import TrainConfig
+    from proxim.train import TrainConfig
+    from proxim.train.recipes import online
 
     stamps: list[tuple[float, float]] = []
-    log = loop.Trainer._log
+    step = online.Trainer.step
 
-    def _log(self: Any, record: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-        log(self, record, samples)
+    def timed_step(self: Any, k: int) -> dict[str, float]:
+        metrics = step(self, k)
         _stamp(stamps)
+        return metrics
 
-    loop.Trainer._log = _log  # type: ignore[method-assign]
+    online.Trainer.step = timed_step  # type: ignore[method-assign]
     p = spec["problem"]
     config = TrainConfig(
         model=spec["model_dir"], task=p["task"], preset=p["preset"], steps=p["steps"], prompts_per_step=p["prompts_per_step"],
@@ -116,7 +117,7 @@ def run_proxim(spec: dict[str, Any]) -> dict[str, Any]:
         old_logprobs=spec.get("old_logprobs", "recompute"),
         **{k: v for k, (v, _) in PROXIM_SETTINGS.items()},
     )
-    loop.train(config)
+    online.train(config)
     return {"stamps": stamps}
 
 

@@ -48,7 +48,7 @@ SETTINGS: dict[str, tuple[Any, str]] = {
 def task_prompts_and_reward(task: Any, seed: int, steps: int, prompts_per_step: int) -> tuple[list[dict[str, Any]], Callable[..., list[float]]]:
     """The rows `proxim train` draws from `task` (a proxim Task) at steps 0..steps-1, in that order, and the task's
     reward as a TRL reward function (it reads the dataset's ``answer`` column)."""
-    from proxim.train.data import TaskSource
+    from proxim.train.prompts import TaskSource
 
     source = TaskSource(task, seed)
     rows = [row for step in range(steps) for row in source.batch(step, 0, 1, prompts_per_step)]

@@ -30,6 +30,10 @@ class BatchError(ProximError, ValueError):
     """A tensor given to proxim has the wrong shape, dtype, device or values."""
 
 
+class TrainingError(ProximError, RuntimeError):
+    """A training run that cannot continue (too many non-finite updates in a row, processes that disagree)."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """A ' Did you mean ...?' suffix naming the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

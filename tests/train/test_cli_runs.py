@@ -8,7 +8,7 @@ from pathlib import Path
 import proxim
 import pytest
 from proxim.cli import main
-from proxim.train.data import RowSource
+from proxim.train.prompts import RowSource
 
 TINY_FLAGS = [
     "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--tiny-hidden-size", "32", "--tiny-layers", "1",

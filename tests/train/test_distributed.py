@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from proxim.train.loop import TrainingError, check_same_across_ranks
+from proxim.train import TrainingError
+from proxim.train.distributed import check_same_across_ranks
 
 from .helpers import cli_env
 

@@ -11,13 +11,13 @@ import torch
 from proxim.cli import main
 from proxim.errors import ConfigurationError
 from proxim.train import TrainConfig, train
-from proxim.train.config import ONLINE_ONLY
-from proxim.train.offline import PreferenceRunResult
+from proxim.train.config import PreferenceConfig
+from proxim.train.recipes.preference import PreferenceRunResult
 
 from .helpers import TINY
 
 #: `TINY` without the settings of the online loop, which an offline run refuses.
-OFFLINE_TINY = {k: v for k, v in TINY.items() if k not in ONLINE_ONLY}
+OFFLINE_TINY = {k: v for k, v in TINY.items() if k in PreferenceConfig.names()}
 
 #: Pairs for the count task: the chosen response is the right count, the rejected one is not.
 PAIRS = [
@@ -67,17 +67,16 @@ def test_default_preference_set_prefers_the_better_answer(tmp_path: Path) -> Non
     """Built from the count task with a briefly warm-started tiny model: in every pair the chosen response is the
     right count and the rejected one is not (the count recomputed here from the prompt), on training and held-out pairs."""
     from accelerate import Accelerator
-    from proxim.train.loop import base_policy, warm_start_policy
+    import proxim
     from proxim.train.models import eos_ids
     from proxim.train.preferences import preference_set
-    from proxim.train.sft import load_task
+    from proxim.train.warmstart import initial_policy
 
-    config = TrainConfig(**{**TINY, "task": "count", "warmstart_steps": 150, "warmstart_lr": 3e-3, "preference_prompts": 64, "eval_size": 32, "cache_dir": str(tmp_path)})
-    task = load_task(config)
+    config = PreferenceConfig(**{**OFFLINE_TINY, "task": "count", "warmstart_steps": 150, "warmstart_lr": 3e-3, "preference_prompts": 64, "eval_size": 32, "cache_dir": str(tmp_path)})
+    task = config.load_task(proxim.default_registry())
     assert task is not None
-    lm, tok, identity = base_policy(config)
     accelerator = Accelerator(cpu=True)
-    warm_start_policy(config, task, lm, tok, identity, 150, accelerator, progress=False)
+    lm, tok, _ = initial_policy(config, config, task, config.seed, accelerator, progress=False)
     pairs = preference_set(config, task, lm, tok, eos_ids(tok, lm), accelerator)
     assert pairs.train and pairs.held_out
     for record in pairs.train + pairs.held_out:

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import torch
-from proxim.train import TrainConfig, train
-from proxim.train.reward_model import bradley_terry_loss, train_reward_model
+from proxim.train import RewardModelConfig, SFTConfig, TrainConfig, train
+from proxim.train.recipes.reward_model import bradley_terry_loss, train_reward_model
 from proxim.train.rewards import RewardModel
-from proxim.train.sft import sft
+from proxim.train.recipes.sft import sft
 
 from .helpers import TINY
 from .test_offline import PAIRS, write_jsonl
@@ -29,14 +29,15 @@ def test_sft_then_reward_model_then_ppo(tmp_path: Path) -> None:
     runs = str(tmp_path / "runs")
     base = {**TINY, "task": "count", "output_dir": runs, "eval_size": 3}
     # 1. SFT on the task's answers (the warm start recipe), saved as a model directory
-    supervised = sft(TrainConfig(**{**base, "warmstart_steps": 40, "run_name": "sft"}))
+    supervised = sft(SFTConfig(**{**{k: v for k, v in base.items() if k in SFTConfig.names()}, "warmstart_steps": 40, "run_name": "sft"}))
     sft_dir = supervised.run_dir / "model"
     assert (sft_dir / "config.json").is_file() and (sft_dir / "tokenizer.json").is_file()
     assert supervised.after.loss < supervised.before.loss
     # 2. A reward model on the SFT backbone, from pairs in a file (the first 3 held out)
     pairs = [p for p in PAIRS if isinstance(p["prompt"], str)] * 2
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    rm = train_reward_model(TrainConfig(**{**base, "init": str(sft_dir), "data": str(data), "steps": 3, "prompts_per_step": 4, "warmstart_steps": None, "run_name": "rm"}))
+    rm_base = {k: v for k, v in base.items() if k in RewardModelConfig.names()}
+    rm = train_reward_model(RewardModelConfig(**{**rm_base, "init": str(sft_dir), "data": str(data), "steps": 3, "prompts_per_step": 4, "warmstart_steps": None, "run_name": "rm"}))
     rm_dir = rm.run_dir / "model"
     # the trainer's own loader scores with it; its pairwise accuracy is the one the command reported
     loader = RewardModel(rm_dir, batch_size=2)

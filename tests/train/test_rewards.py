@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from proxim.errors import ConfigurationError
 import torch
 from proxim.train import train
 from proxim.train.rewards import Reward, RewardModel, load_function, score
@@ -17,9 +18,9 @@ def test_load_function_from_module_and_file(tmp_path: Path) -> None:
     (tmp_path / "myrewards.py").write_text("def brevity(prompts, completions, **batch):\n    return [-len(c) for c in completions]\n")
     brevity = load_function(f"{tmp_path / 'myrewards.py'}:brevity")
     assert brevity(["p"], ["abc"]) == [-3]
-    with pytest.raises(ValueError, match="module:function"):
+    with pytest.raises(ConfigurationError, match="module:function"):
         load_function("no_colon_here")
-    with pytest.raises(AttributeError, match="no callable 'missing'"):
+    with pytest.raises(ConfigurationError, match="no callable 'missing'"):
         load_function("proxim_plugins.tasks:missing")
 
 

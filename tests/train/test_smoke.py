@@ -76,13 +76,15 @@ def test_eval_every_logs_held_out_numbers_between_before_and_after(tiny_config) 
 def test_sampler_old_logprobs_equal_a_recomputed_forward(tiny_config) -> None:
     """--old-logprobs sampler: the generator's recorded log-probs stand in for the policy forward after sampling."""
     import torch
-    from proxim.train.loop import Trainer
+    from proxim.train import Trainer
+    from proxim.train.logprobs import response_logprobs
 
     trainer = Trainer(tiny_config(old_logprobs="sampler", warmstart_steps=20))
-    trainer._build(None)
-    gen, batch, _, _ = trainer._rollout(0)
-    policy = trainer.accelerator.unwrap_model(trainer.policy)
-    recomputed = torch.cat([trainer._score(policy, gen, idx, grad=False)[0] for idx in trainer._chunks(batch.batch_size)])
+    rows = trainer.prompts.batch(0, 0, 1, 4)  # the public parts of a step, driven by hand
+    generation = trainer.sample(rows)
+    batch = trainer.rollout(generation, trainer.score(rows, generation, step=0))
+    with torch.no_grad():
+        recomputed, _ = response_logprobs(trainer.policy, generation, torch.arange(batch.batch_size), temperature=1.0)
     mask = batch.mask
     assert bool(mask.any())
     torch.testing.assert_close(batch.old_logprobs[mask], recomputed[mask], rtol=0, atol=1e-5)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from proxim.train.generation import vllm_available
+import importlib.util
 
-pytestmark = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed (the vLLM tier runs in its own environment)")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (the vLLM tier runs in its own environment)")
 
 EOS_ID = 258
 
@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path):
-    from proxim.train.generation import VLLMGenerator
+    from proxim.train.vllm_generator import VLLMGenerator
     from proxim.train.models import byte_tokenizer
 
     gen = VLLMGenerator(model_dir, byte_tokenizer(), [EOS_ID], seed=0, max_model_len=256)
@@ -62,7 +62,7 @@ def test_vllm_samples_with_the_behaviour_log_probs(engine, model_dir: Path) -> N
 
 
 def test_weight_sync_reaches_the_engine(engine, model_dir: Path) -> None:
-    from proxim.train.generation import HFGenerator
+    from proxim.train.hf_generator import HFGenerator
     from proxim.train.models import byte_tokenizer, load_causal_lm
 
     tok, lm = byte_tokenizer(), load_causal_lm(model_dir)

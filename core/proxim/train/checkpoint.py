@@ -1,12 +1,12 @@
-"""Checkpoints: everything a run needs to continue exactly, written atomically.
+"""Checkpoints: everything a run needs to continue exactly, written atomically; the same for every recipe.
 
-Layout of ``RUN_DIR/checkpoints/step_000050/`` (the step count of completed steps)::
+Layout of ``RUN_DIR/checkpoints/step_000050/`` (the number of completed steps)::
 
-    model.safetensors, config.json   the policy (transformers ``save_pretrained``: loadable with from_pretrained)
-    critic.safetensors               the critic (objectives with a critic)
-    optimizer.pt, scheduler.pt       AdamW and learning-rate schedule state
+    model.safetensors, config.json   the trained model (transformers ``save_pretrained``: loadable with from_pretrained)
+    <name>.safetensors               every other trained module (the critic), by safetensors' ``save_model``
+    optimizer.pt                     AdamW, the learning-rate schedule and its horizon, the non-finite counters
     rng_rank0.pt, rng_rank1.pt, ...  each process's python / torch (/ numpy, CUDA) RNG states
-    state.json                       step, KL coefficient, non-finite counters, timing
+    state.json                       step, the recipe's own state (e.g. the KL coefficient), timing
     config.toml                      the run's configuration
 
 A checkpoint is written into ``checkpoints/.tmp-step_000050`` and renamed into place when complete, then
@@ -20,22 +20,28 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
+
+from proxim.train.files import atomic_write
+from proxim.train.models import load_weights
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from proxim.train.optimization import Optimization
 
 LATEST = "latest"
+#: The module saved with ``save_pretrained``, so that a checkpoint folder is also a model folder.
+PRIMARY = "model"
 
 
 def name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -70,46 +76,25 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_policy(lm: Any, directory: Path) -> None:
-    lm.save_pretrained(str(directory), safe_serialization=True)
-
-
-def load_policy_weights(lm: torch.nn.Module, directory: Path) -> None:
-    """Load ``model.safetensors`` saved by `save_policy` into `lm` exactly (tied weights included)."""
-    from safetensors.torch import load_file
-
-    files = sorted(directory.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model*.safetensors in {directory}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    result = lm.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise RuntimeError(f"{directory}: weights {result.unexpected_keys[:5]} do not belong to this model.")
-    loaded = {p.data_ptr() for k, p in lm.state_dict().items() if k in state}
-    missing = [k for k in result.missing_keys if lm.state_dict()[k].data_ptr() not in loaded]
-    if missing:
-        raise RuntimeError(f"{directory}: no weights for {missing[:5]}.")
-
-
 def save(
     run_dir: Path,
     step: int,
     *,
-    accelerator: Any,
-    lm: torch.nn.Module,
-    critic: torch.nn.Module | None,
-    optimizer: Any,
-    scheduler: Any,
+    accelerator: Accelerator,
+    models: Mapping[str, nn.Module],
+    optimization: Optimization,
     state: dict[str, Any],
     config_toml: str,
     keep: int,
 ) -> Path:
-    """Write the checkpoint of `step` (collective: every process calls it). Returns its directory."""
+    """Write the checkpoint of `step` completed steps (collective: every process calls it). Returns its folder.
+
+    models: the unwrapped trained modules by name; ``"model"`` is saved with ``save_pretrained``.
+    """
+    from safetensors.torch import save_model
+
     root = run_dir / "checkpoints"
-    final = root / name(step)
-    tmp = root / f".tmp-{name(step)}"
+    final, tmp = root / name(step), root / f".tmp-{name(step)}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -117,21 +102,20 @@ def save(
     accelerator.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_policy(lm, tmp)
-        if critic is not None:
-            from safetensors.torch import save_model
-
-            save_model(critic, str(tmp / "critic.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+        for key, module in models.items():
+            if key == PRIMARY:
+                module.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+            else:
+                save_model(module, str(tmp / f"{key}.safetensors"))
+        torch.save(optimization.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
         (tmp / "config.toml").write_text(config_toml)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text(root / LATEST, final.name + "\n")
+        atomic_write(root / LATEST, final.name + "\n")
         kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in kept[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -151,17 +135,16 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(
-    directory: Path, *, accelerator: Any, lm: torch.nn.Module, critic: torch.nn.Module | None, optimizer: Any, scheduler: Any
-) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and this process's RNG from `directory`; returns state.json."""
-    load_policy_weights(lm, directory)
-    if critic is not None:
-        from safetensors.torch import load_model
+def load(directory: Path, *, accelerator: Accelerator, models: Mapping[str, nn.Module], optimization: Optimization) -> dict[str, Any]:
+    """Restore the modules, the optimisation state and this process's RNG from `directory`; returns state.json."""
+    from safetensors.torch import load_model
 
-        load_model(critic, str(directory / "critic.safetensors"))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", map_location="cpu", weights_only=True))
+    for key, module in models.items():
+        if key == PRIMARY:
+            load_weights(module, directory)
+        else:
+            load_model(module, str(directory / f"{key}.safetensors"))
+    optimization.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
     rng_file = directory / f"rng_rank{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))

@@ -24,8 +24,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from proxim.train.generation import Generation
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -279,38 +282,21 @@ class PolicyScorer(nn.Module):
         return logprobs_from_logits(logits[:, -T:], targets, temperature, self.chunk_size, entropy)
 
 
-class ValueModel(nn.Module):
-    """A critic: a value head (Linear(hidden, 1)) on its own decoder backbone.
-
-    ``forward(input_ids [B, P+T], attention_mask [B, P+T], T) -> values [B, T]``, the value V(s_t) of the
-    state before response token t (read at the same positions as the log-probs). The head starts at
-    zero, so the first values are 0 and the backbone starts from the policy's own weights.
-    """
-
-    def __init__(self, backbone: nn.Module, hidden_size: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, T: int) -> Tensor:
-        ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
-        hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
-        values: Tensor = self.head(hidden[:, -T:].float()).squeeze(-1)
-        return values
+def scored_rows(generation: Generation, idx: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Rows `idx` of a generation as model input: prompt + response cut after the last response token any
+    row has (ids, attention mask as int64), and that response width."""
+    valid = generation.response_mask[idx]
+    width = int(valid.any(0).nonzero().max()) + 1 if bool(valid.any()) else 1
+    ids = torch.cat([generation.prompt_ids[idx], generation.response_ids[idx, :width]], 1)
+    mask = torch.cat([generation.prompt_mask[idx], valid[:, :width]], 1).long()
+    return ids, mask, width
 
 
-def build_critic(lm: nn.Module, backbone: nn.Module | None = None) -> ValueModel:
-    """A critic whose backbone is `backbone` (e.g. a loaded AutoModel) or a copy of `lm`'s decoder."""
-    import copy
-
-    if backbone is None:
-        decoder = getattr(lm, "get_decoder", lambda: None)()
-        if decoder is None or decoder is lm:
-            raise ValueError(f"{type(lm).__name__} exposes no decoder backbone (get_decoder()); give the critic its own model path.")
-        backbone = copy.deepcopy(decoder)
-    hidden = getattr(backbone.config, "hidden_size", None) if hasattr(backbone, "config") else None
-    if hidden is None:
-        raise ValueError("the critic backbone's config has no hidden_size.")
-    return ValueModel(backbone, int(hidden))
+def response_logprobs(scorer: nn.Module, generation: Generation, idx: Tensor, temperature: float, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs [b, T] (and entropy) in float32 of the sampled responses of rows `idx` under `scorer` (a
+    `PolicyScorer`, or its DDP wrapper), forwarding only up to their last response token; 0 past it."""
+    T = generation.response_ids.shape[1]
+    ids, mask, width = scored_rows(generation, idx)
+    lp, ent = scorer(ids, mask, generation.response_ids[idx, :width], temperature, entropy)
+    pad = (0, T - width)
+    return F.pad(lp.float(), pad), None if ent is None else F.pad(ent.float(), pad)

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from proxim.train.sections import Model
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -104,6 +107,45 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
             raise ValueError(f"the tokenizer in {path} has neither a pad nor an end-of-sequence token; set one and save it again.")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def start_policy(settings: Model, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """The model a run starts from, before any warm start: the built-in tiny model (built from `seed`) or the
+    directory `settings.start_model()`; its tokenizer; and its identity (what a warm-start cache entry depends on)."""
+    start = settings.start_model()
+    if start is None:
+        tiny = tiny_config(settings.tiny_hidden_size, settings.tiny_layers, settings.tiny_heads)
+        return build_tiny_model(tiny, seed), byte_tokenizer(), {"builtin": tiny.to_dict(), "seed": seed}
+    tokenizer = load_tokenizer(settings.tokenizer or start, settings.trust_remote_code)
+    lm = load_causal_lm(start, settings.trust_remote_code)
+    mtime = max((p.stat().st_mtime for p in Path(start).glob("*.safetensors")), default=0)
+    return lm, tokenizer, {"path": str(Path(start).resolve()), "mtime": mtime}
+
+
+def load_weights(module: torch.nn.Module, directory: str | os.PathLike[str]) -> None:
+    """Load the weights ``save_pretrained`` wrote into `directory` into `module` exactly (tied weights included).
+
+    One file goes through safetensors' ``load_model`` (which knows that tied tensors are saved once);
+    a sharded checkpoint through transformers' ``load_sharded_checkpoint``, where a weight missing from
+    the shards must be tied to one they hold. Missing or unexpected weights are an error naming them.
+    """
+    folder = Path(directory)
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors.torch import load_model
+
+        load_model(module, str(single), strict=True)
+        return
+    if not (folder / "model.safetensors.index.json").is_file():
+        raise FileNotFoundError(f"no model.safetensors (or sharded model.safetensors.index.json) in {folder}")
+    from transformers.trainer_utils import load_sharded_checkpoint
+
+    result = load_sharded_checkpoint(module, str(folder), strict=False, prefer_safe=True)
+    state = module.state_dict()
+    loaded = {state[k].data_ptr() for k in state if k not in result.missing_keys}
+    untied = [k for k in result.missing_keys if state[k].data_ptr() not in loaded]
+    if untied or result.unexpected_keys:
+        raise RuntimeError(f"{folder}: no weights for {untied[:5]}; weights {list(result.unexpected_keys)[:5]} do not belong to this model.")
 
 
 def save_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike[str]) -> None:

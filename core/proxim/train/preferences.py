@@ -26,13 +26,17 @@ from typing import Any
 
 import attrs
 import torch
+
 from proxim.errors import ConfigurationError
 from proxim.tasks import Example, Task
-from proxim.train.config import TrainConfig
-from proxim.train.data import RowSource
-from proxim.train.generation import HFGenerator
+from proxim.train.config import PreferenceConfig, RewardModelConfig
+from proxim.train.hf_generator import HFGenerator
+from proxim.train.prompts import RowSource
 from proxim.train.records import PAIR_FIELDS, Record, read_records, render_prompts
 from proxim.train.warmstart import cache_root
+
+PairSettings = PreferenceConfig | RewardModelConfig
+"""The configurations whose recipes train on preference pairs."""
 
 RECIPE_VERSION = 2
 """Bump when the way pairs are built changes, so old cache entries are not reused."""
@@ -64,7 +68,7 @@ def load_pairs(path: str, tokenizer: Any, eval_size: int | None) -> PreferenceSe
     return PreferenceSet(records[k:], records[:k], path)
 
 
-def preference_set(config: TrainConfig, task: Task | None, lm: Any, tokenizer: Any, eos_ids: Sequence[int], accelerator: Any) -> PreferenceSet:
+def preference_set(config: PairSettings, task: Task | None, lm: Any, tokenizer: Any, eos_ids: Sequence[int], accelerator: Any) -> PreferenceSet:
     """The run's pairs: `config.data`, or else the built-in set of `task` for the policy `lm` (cached; see the module docstring).
 
     In a multi-process run the main process builds a missing set while the others wait, then all read it.
@@ -85,10 +89,10 @@ def preference_set(config: TrainConfig, task: Task | None, lm: Any, tokenizer: A
     return PreferenceSet(data["train"], data["held_out"], str(entry))
 
 
-def make_pairs(lm: Any, tokenizer: Any, eos_ids: Sequence[int], task: Task, config: TrainConfig) -> dict[str, list[Record]]:
+def make_pairs(lm: Any, tokenizer: Any, eos_ids: Sequence[int], task: Task, config: PairSettings) -> dict[str, list[Record]]:
     """The built-in set, made now: ``{"train": [...], "held_out": [...]}`` pair records (see the module docstring)."""
     generator = HFGenerator(lm, tokenizer, eos_ids, config.generation_batch_size)
-    max_new_tokens = config.resolved_max_new_tokens(task)
+    max_new_tokens = config.max_new_tokens_for(task)
 
     def pairs(examples: Sequence[Example], samples: int) -> list[Record]:
         prompts = [e.prompt for e in examples]
@@ -113,7 +117,7 @@ def make_pairs(lm: Any, tokenizer: Any, eos_ids: Sequence[int], task: Task, conf
         return {"train": train_pairs, "held_out": held_out_pairs}
 
 
-def _cache_key(config: TrainConfig, task: Task, lm: Any) -> str:
+def _cache_key(config: PairSettings, task: Task, lm: Any) -> str:
     weights = hashlib.sha256()
     for name, tensor in sorted(lm.state_dict().items()):
         weights.update(name.encode())
@@ -128,7 +132,7 @@ def _cache_key(config: TrainConfig, task: Task, lm: Any) -> str:
             "eval_size": config.eval_size,
             "temperature": config.temperature,
             "top_p": config.top_p,
-            "max_new_tokens": config.resolved_max_new_tokens(task),
+            "max_new_tokens": config.max_new_tokens_for(task),
             "seed": config.seed,
             "torch": torch.__version__.split("+")[0],
         },

@@ -1,4 +1,4 @@
-"""Prompt sources: where each step's prompts and the held-out prompts come from.
+"""Prompt sources: where each step's prompts and the held-out prompts come from (a task, rows, a JSONL file).
 
 A row is a dict with a ``"prompt"`` string and any other columns (``"answer"`` for the built-in tasks);
 every column except the prompt reaches the reward functions as a keyword argument, one value per
@@ -42,6 +42,29 @@ class TaskSource:
     def eval_rows(self) -> list[Row]:
         rows = [{"prompt": e.prompt, "answer": e.answer} for e in self.task.eval_set()]
         return rows[: self.eval_size] if self.eval_size else rows
+
+
+class TaskWithHeldOut:
+    """A task's training prompts, with held-out rows given separately."""
+
+    def __init__(self, task: Task, seed: int, held_out: Sequence[Mapping[str, Any]]):
+        self.inner, self.held_out = TaskSource(task, seed), [dict(r) for r in held_out]
+
+    def batch(self, step: int, rank: int, world: int, n: int) -> list[Row]:
+        return self.inner.batch(step, rank, world, n)
+
+    def eval_rows(self) -> list[Row]:
+        return [dict(r) for r in self.held_out]
+
+
+class NoPrompts:
+    """No prompts at all (an offline run without a task: only its pairs are evaluated)."""
+
+    def batch(self, step: int, rank: int, world: int, n: int) -> list[Row]:
+        return []
+
+    def eval_rows(self) -> list[Row]:
+        return []
 
 
 class RowSource:
@@ -99,7 +122,7 @@ def read_jsonl(path: str | Path) -> list[Row]:
     return rows
 
 
-def columns(rows: Sequence[Row], repeat: int) -> dict[str, list[Any]]:
+def columns(rows: Sequence[Mapping[str, Any]], repeat: int) -> dict[str, list[Any]]:
     """Every non-prompt column, each value repeated `repeat` times (one per sampled response)."""
     keys: list[str] = []
     for r in rows:
@@ -110,3 +133,27 @@ def columns(rows: Sequence[Row], repeat: int) -> dict[str, list[Any]]:
 def as_rows(data: Iterable[Mapping[str, Any]]) -> list[Row]:
     """Rows from any iterable of mappings (a list of dicts, a `datasets.Dataset`)."""
     return [dict(r) for r in data]
+
+
+def prompt_source(
+    task: Task | None,
+    seed: int,
+    *,
+    rows: Iterable[Mapping[str, Any]] | None = None,
+    prompts_file: str | None = None,
+    held_out: Iterable[Mapping[str, Any]] | None = None,
+    eval_prompts_file: str | None = None,
+    eval_size: int | None = None,
+) -> PromptSource:
+    """The run's prompts: `rows` given in code, else `prompts_file`, else the task's; held out: `held_out`, else
+    `eval_prompts_file`, else the task's held-out set (or the first `eval_size` rows of the training rows)."""
+    evaluation = as_rows(held_out) if held_out is not None else read_jsonl(eval_prompts_file) if eval_prompts_file else None
+    if rows is not None:
+        return RowSource(as_rows(rows), seed, evaluation, eval_size, origin="prompts")
+    if prompts_file:
+        return RowSource(read_jsonl(prompts_file), seed, evaluation, eval_size, origin=prompts_file)
+    if task is None:
+        return NoPrompts()
+    if evaluation is not None:
+        return TaskWithHeldOut(task, seed, evaluation[:eval_size] if eval_size else evaluation)
+    return TaskSource(task, seed, eval_size)

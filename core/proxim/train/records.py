@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from proxim.errors import ConfigurationError
 from proxim.ops import masked_sum
 from proxim.train.generation import left_pad
-from torch import Tensor
 
 Record = dict[str, Any]
 

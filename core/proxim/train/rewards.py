@@ -17,14 +17,23 @@ import importlib
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 import torch
 
+from proxim.errors import ConfigurationError
+from proxim.train.prompts import columns
+
+if TYPE_CHECKING:
+    from proxim.tasks import Task
+
 RewardFn = Callable[..., Sequence[float]]
+"""``fn(prompts, completions, **batch) -> list[float]``, one reward per completion."""
+RewardSpec = RewardFn | tuple[RewardFn, float]
+"""A reward function, or a (function, weight) pair."""
 
 
 @attrs.frozen
@@ -37,14 +46,14 @@ class Reward:
 
 
 def load_function(spec: str) -> RewardFn:
-    """The callable named by ``module:attr`` or ``file.py:attr``."""
+    """The callable named by ``module:attr`` or ``file.py:attr``; `ConfigurationError` naming the spec otherwise."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ValueError(f"reward {spec!r}: write 'package.module:function' or 'path/to/file.py:function' (or 'task').")
+        raise ConfigurationError(f"reward {spec!r}: write 'package.module:function' or 'path/to/file.py:function' (or 'task').")
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise FileNotFoundError(f"reward {spec!r}: no file {target!r}.")
+            raise ConfigurationError(f"reward {spec!r}: no file {target!r}.")
         module_name = f"proxim_reward_{path.stem}_{abs(hash(str(path.resolve()))) % 10**8}"
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         assert module_spec is not None and module_spec.loader is not None
@@ -54,13 +63,45 @@ def load_function(spec: str) -> RewardFn:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise ImportError(f"reward {spec!r}: cannot import {target!r}: {exc}") from exc
+            raise ConfigurationError(f"reward {spec!r}: cannot import {target!r}: {exc}") from exc
     fn = getattr(module, attr, None)
     if fn is None:
-        raise AttributeError(f"reward {spec!r}: {target} has no callable {attr!r}.")
+        raise ConfigurationError(f"reward {spec!r}: {target} has no callable {attr!r}.")
     if not callable(fn):
-        raise TypeError(f"reward {spec!r}: {target}.{attr} is a {type(fn).__name__}, not a function.")
+        raise ConfigurationError(f"reward {spec!r}: {target}.{attr} is a {type(fn).__name__}, not a function.")
     return cast(RewardFn, fn)
+
+
+def build_rewards(
+    specs: Sequence[str],
+    weights: Sequence[float],
+    task: Task | None,
+    *,
+    custom: Sequence[RewardSpec] | None = None,
+    reward_model: str | None = None,
+    reward_model_weight: float = 1.0,
+    trust_remote_code: bool = False,
+    device: torch.device | str = "cpu",
+) -> list[Reward]:
+    """The rewards of a run: the `custom` callables when given, else the named `specs` ('task', 'module:fn',
+    'file.py:fn') with `weights` (default 1); plus the `reward_model` folder when given. Names are made unique."""
+    out: list[Reward] = []
+    if custom:
+        for item in custom:
+            fn, weight = item if isinstance(item, tuple) else (item, 1.0)
+            out.append(Reward(getattr(fn, "__name__", type(fn).__name__), fn, float(weight)))
+    else:
+        for spec, w in zip(specs, weights or [1.0] * len(specs)):
+            if spec == "task":
+                if task is None:
+                    raise ConfigurationError("the reward 'task' needs a task; name one, or list your own reward functions.")
+                out.append(Reward(task.name, task.reward, w))
+            else:
+                out.append(Reward(spec.rpartition(":")[2], load_function(spec), w))
+    if reward_model is not None:
+        out.append(Reward("reward_model", RewardModel(reward_model, device, trust_remote_code=trust_remote_code), reward_model_weight))
+    names = [r.name for r in out]
+    return [attrs.evolve(r, name=f"{r.name}_{i}") if names.count(r.name) > 1 else r for i, r in enumerate(out)]
 
 
 class RewardModel:
@@ -97,6 +138,14 @@ class RewardModel:
             enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True).to(self.device)
             scores.extend(self.model(**enc).logits[:, 0].float().tolist())
         return scores
+
+
+def score_rows(rewards: Sequence[Reward], rows: Sequence[Mapping[str, Any]], completions: Sequence[str], step: int) -> tuple[list[float], dict[str, list[float]]]:
+    """`score` the completions of prompt rows (the same number of completions for each row, in row order):
+    every non-prompt column of the rows and ``step`` reach the reward functions."""
+    repeat = len(completions) // max(len(rows), 1)
+    batch: dict[str, Any] = {**columns(rows, repeat), "step": step}
+    return score(rewards, [r["prompt"] for r in rows for _ in range(repeat)], completions, batch)
 
 
 def score(rewards: Sequence[Reward], prompts: Sequence[str], completions: Sequence[str], batch: dict[str, Any]) -> tuple[list[float], dict[str, list[float]]]:

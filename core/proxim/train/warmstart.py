@@ -2,14 +2,15 @@
 
 RL needs signal: a policy that never samples a correct answer gets identical rewards in every group
 and learns nothing. A randomly initialised tiny model is such a policy, so ``proxim train`` first
-trains it on ``prompt -> task.completion(example) <eos>`` pairs for `steps` steps (AdamW, linear warm-up
-over 100 steps), deliberately too few to solve the task: the held-out accuracy RL starts from is low
-but not zero, and RL has to do the rest.
+trains it on ``prompt -> task.completion(example) <eos>`` pairs for `warmstart_steps` steps
+(`proxim.train.supervised`, with the optimiser settings of ``proxim sft``: AdamW, warm-up over 100
+updates), deliberately too few to solve the task: the held-out accuracy RL starts from is low but not
+zero, and RL has to do the rest.
 
 The result depends only on the task, the model (its config, or its directory), the tokenizer and the
 supervised settings; it is saved under ``CACHE/warmstart/<task>-<hash>/`` (a few MB) and reused by
-every later run with the same key, so only the first run pays for it (about 15 s on two CPU cores for
-the default). In a multi-process run the main process trains and the others wait and load.
+every later run with the same key, so only the first run pays for it. In a multi-process run the main
+process trains and the others wait and load.
 """
 
 from __future__ import annotations
@@ -17,21 +18,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import attrs
 import torch
-from proxim.tasks import Task
 
-RECIPE_VERSION = 1
-"""Bump when the supervised recipe changes, so old cache entries are not reused."""
+from proxim.train import models
+from proxim.train.sections import SupervisedOptimizer
+from proxim.train.optimization import Optimization, parameter_groups
+from proxim.train.supervised import SupervisedStep, task_batches
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from proxim.tasks import Task
+    from proxim.train.sections import Model, WarmStart
+    from proxim.train.reporting import Progress
+
+RECIPE_VERSION = 2
+"""Bump when the supervised recipe changes, so old cache entries are not reused (2: transformers' warm-up schedule)."""
 
 
 def cache_root(cache_dir: str | None) -> Path:
+    """Where cached results live: `cache_dir`, else $PROXIM_CACHE_DIR, else $XDG_CACHE_HOME/proxim or ~/.cache/proxim."""
     if cache_dir:
         return Path(cache_dir)
     env = os.environ.get("PROXIM_CACHE_DIR")
@@ -41,7 +54,7 @@ def cache_root(cache_dir: str | None) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "proxim"
 
 
-def cache_key(task: Task, model_identity: dict[str, Any], steps: int, lr: float, batch_size: int, seed: int) -> str:
+def cache_key(task: Task, model_identity: dict[str, Any], steps: int, lr: float, batch_size: int, seed: int, optimizer: SupervisedOptimizer) -> str:
     blob = json.dumps(
         {
             "recipe": RECIPE_VERSION,
@@ -52,68 +65,13 @@ def cache_key(task: Task, model_identity: dict[str, Any], steps: int, lr: float,
             "lr": lr,
             "batch_size": batch_size,
             "seed": seed,
+            "optimizer": optimizer.to_dict(),
             "torch": torch.__version__.split("+")[0],
         },
         sort_keys=True,
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-Batches = Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""One supervised batch per step: ``batches(step) -> (input_ids, attention_mask, labels)``, each [n, L]."""
-
-
-def supervised_batch(task: Task, tokenizer: Any, eos_id: int, rng: random.Random, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`n` of the task's training examples as `encode_supervised` tensors: ``prompt -> task.completion(example) <eos>``."""
-    examples = task.train_examples(rng, n)
-    return encode_supervised(tokenizer, [(e.prompt, task.completion(e)) for e in examples], eos_id, device)
-
-
-def encode_supervised(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask, labels [n, L] of ``prompt + target + EOS`` per (prompt, target) pair, right-padded;
-    labels are -100 except on the target and EOS."""
-    seqs, starts = [], []
-    for prompt_text, target_text in pairs:
-        prompt = tokenizer(prompt_text)["input_ids"]
-        target = tokenizer(target_text, add_special_tokens=False)["input_ids"] + [eos_id]
-        seqs.append(prompt + target)
-        starts.append(len(prompt))
-    n = len(seqs)
-    width = max(len(s) for s in seqs)
-    ids = torch.full((n, width), int(tokenizer.pad_token_id), dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    for i, (s, k) in enumerate(zip(seqs, starts)):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        labels[i, k : len(s)] = torch.tensor(s[k:])
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def train_supervised(lm: torch.nn.Module, batches: Batches, steps: int, lr: float, seed: int, progress: bool, desc: str) -> list[float]:
-    """Fine-tune `lm` in place on `batches(step)` for `steps` steps (AdamW, linear warm-up over 100 steps); returns the loss of every step."""
-    from tqdm.auto import tqdm
-
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: min(1.0, (k + 1) / 100))
-    losses = []
-    lm.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        for step in bar:
-            ids, mask, labels = batches(step)
-            loss = lm(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        bar.close()
-    return losses
 
 
 def warm_start(
@@ -123,32 +81,39 @@ def warm_start(
     *,
     model_identity: dict[str, Any],
     steps: int,
-    lr: float,
-    batch_size: int,
+    settings: WarmStart,
     seed: int,
-    cache_dir: str | None,
-    accelerator: Any,
+    accelerator: Accelerator,
     progress: bool,
+    optimizer: SupervisedOptimizer | None = None,
 ) -> tuple[Path, bool]:
-    """Load the cached warm start of `lm` or make it; returns (cache entry, whether it was cached)."""
-    from proxim.train.checkpoint import load_policy_weights
+    """Load the cached warm start of `lm` or make it; returns (cache entry, whether it was cached).
 
-    key = cache_key(task, model_identity, steps, lr, batch_size, seed)
-    entry = cache_root(cache_dir) / "warmstart" / f"{task.name}-{key}"
+    optimizer: the supervised optimiser settings (default those of ``proxim sft``).
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = optimizer or SupervisedOptimizer()
+    key = cache_key(task, model_identity, steps, settings.warmstart_lr, settings.warmstart_batch_size, seed, optimizer)
+    entry = cache_root(settings.cache_dir) / "warmstart" / f"{task.name}-{key}"
     hit = (entry / "done").is_file()
     if not hit and accelerator.is_main_process:
-        eos_id, device = int(tokenizer.eos_token_id), next(lm.parameters()).device
-
-        def batches(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return supervised_batch(task, tokenizer, eos_id, random.Random(f"proxim-warmstart-{seed}-{step}"), batch_size, device)
-
-        losses = train_supervised(lm, batches, steps, lr, seed, progress, f"warm start ({task.name})")
+        device = next(lm.parameters()).device
+        optimization = Optimization(accelerator, parameter_groups([(lm, settings.warmstart_lr)]), optimizer, horizon=steps, local=True)
+        step = SupervisedStep(lm, task_batches(task, tokenizer, seed, settings.warmstart_batch_size, device), optimization, optimizer.micro_batch_size)
+        losses = []
+        bar = tqdm(range(steps), desc=f"warm start ({task.name})", unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        for k in bar:
+            losses.append(step(k)["loss/supervised"])
+            if k % 20 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.close()
         tmp = entry.with_name(f".tmp-{entry.name}-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        lm.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "warmstart.json").write_text(json.dumps({"task": task.name, "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "final_loss": losses[-1] if losses else None, "model": model_identity}, indent=2, default=str))
+        models.save_model_dir(lm, tokenizer, tmp)
+        record = {"task": task.name, "steps": steps, "lr": settings.warmstart_lr, "batch_size": settings.warmstart_batch_size, "seed": seed}
+        (tmp / "warmstart.json").write_text(json.dumps({**record, "final_loss": losses[-1] if losses else None, "model": model_identity}, indent=2, default=str))
         (tmp / "done").write_text("ok\n")
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)
@@ -157,5 +122,47 @@ def warm_start(
         except OSError:  # another run finished first: use its (identical) result
             shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    load_policy_weights(lm, entry)
+    models.load_weights(lm, entry)
     return entry, hit
+
+
+def initial_policy_dir(
+    model: Model, settings: WarmStart, task: Task | None, seed: int, run_dir: Path, accelerator: Accelerator, progress: Progress, resuming: bool,
+) -> Path:
+    """The folder a run's policy (and its reference) load from: ``RUN/init``, where a new run saves its
+    warm-started initial policy with its tokenizer; or the model directory as is, when there is no warm start."""
+    from proxim.errors import TrainingError
+
+    init_dir, start = run_dir / "init", model.start_model()
+    if not resuming and not (start is not None and settings.warmstart_steps_for(start) == 0):
+        lm, tokenizer, message = initial_policy(model, settings, task, seed, accelerator, progress.enabled)
+        if message:
+            progress.say(message)
+        if accelerator.is_main_process:
+            models.save_model_dir(lm, tokenizer, init_dir)
+        accelerator.wait_for_everyone()
+    if (init_dir / "config.json").is_file():
+        return init_dir
+    if start is None:
+        raise TrainingError(f"{run_dir} has no init/ folder and the configuration names no model to start from.")
+    return Path(start)
+
+
+def initial_policy(
+    model: Model, settings: WarmStart, task: Task | None, seed: int, accelerator: Accelerator, progress: bool,
+) -> tuple[Any, Any, str | None]:
+    """The policy a run starts from: the starting model (`models.start_policy`) after its warm start, on the
+    accelerator's device; its tokenizer; and what the warm start did, in words (None when there was none)."""
+    from proxim.errors import ConfigurationError
+
+    lm, tokenizer, identity = models.start_policy(model, seed)
+    lm.to(accelerator.device)
+    steps = settings.warmstart_steps_for(model.start_model())
+    if steps == 0:
+        return lm, tokenizer, None
+    if task is None:
+        raise ConfigurationError("warmstart_steps > 0 needs a task (its answers are the supervised targets); set warmstart_steps=0.")
+    t0 = time.perf_counter()
+    entry, hit = warm_start(lm, tokenizer, task, model_identity=identity, steps=steps, settings=settings, seed=seed, accelerator=accelerator, progress=progress)
+    how = "loaded from the cache" if hit else f"trained in {time.perf_counter() - t0:.0f} s and cached"
+    return lm, tokenizer, f"warm start: {steps} supervised steps on {task.name}, {how} ({entry})"

@@ -1,21 +1,22 @@
 """``proxim compare``: the same task, seeds and budget under several presets; one plot and one table.
 
 Runs go one after another in this process (they share the warm-start cache), each into
-``OUTPUT_DIR/NAME/<preset>/``; the comparison writes ``compare.md``, ``compare.json`` and ``compare.png``
-(reward and KL against step, one line per preset) into ``OUTPUT_DIR/NAME/``.
+``OUTPUT_DIR/NAME/<preset>/``, through the runner it is given (``proxim.train.train``: an online run, or
+an offline one for a preference preset); the comparison writes ``compare.md``, ``compare.json`` and
+``compare.png`` (reward and KL against step, one line per preset) into ``OUTPUT_DIR/NAME/``.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
-from proxim.train.config import TrainConfig
-from proxim.train.loop import RunResult, train
+from proxim.train.config import CompareConfig, TrainConfig
+from proxim.train.figures import Panel, Series, informative, write_figure
+from proxim.train.results import RunResult
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -53,23 +54,20 @@ def compare_table(rows: Sequence[dict[str, Any]], task: str, steps: int) -> str:
     return "\n".join(lines)
 
 
-def compare(config: TrainConfig, presets: Sequence[str], name: str | None = None) -> list[RunResult]:
-    """Train `config` once per preset and write the comparison; returns the runs' results."""
-    from proxim.train.plot import line_chart
-
+def compare(config: CompareConfig, presets: Sequence[str], run: Callable[[TrainConfig], RunResult], name: str | None = None) -> list[RunResult]:
+    """Train `config` once per preset with `run` and write the comparison; returns the runs' results."""
     name = name or f"compare-{config.task or 'prompts'}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     root = Path(config.output_dir) / name
     results: list[RunResult] = []
     rows: list[dict[str, Any]] = []
-    reward_panel: dict[str, list[tuple[float, float]]] = {}
-    kl_panel: dict[str, list[tuple[float, float]]] = {}
+    reward: list[Series] = []
+    kl: list[Series] = []
     for preset in presets:
-        run_config = attrs.evolve(config, preset=preset, baseline=None, advantage=None, region=None, output_dir=str(root), run_name=preset)
-        result = train(run_config)
+        result = run(TrainConfig(**{**config.to_dict(), "preset": preset, "output_dir": str(root), "run_name": preset}))
         results.append(result)
         history = _history(result.run_dir)
-        reward_panel[preset] = [(h["step"], h["reward/mean"]) for h in history if "reward/mean" in h]
-        kl_panel[preset] = [(h["step"], h["kl/ref"]) for h in history if "kl/ref" in h]
+        reward.append(Series(preset, [(h["step"], h["reward/mean"]) for h in history if "reward/mean" in h]))
+        kl.append(Series(preset, [(h["step"], h["kl/ref"]) for h in history if "kl/ref" in h]))
         rows.append(
             {
                 "preset": preset,
@@ -92,7 +90,8 @@ def compare(config: TrainConfig, presets: Sequence[str], name: str | None = None
         root.mkdir(parents=True)
     (root / "compare.md").write_text(table + "\n")
     (root / "compare.json").write_text(json.dumps(rows, indent=2))
-    line_chart(root / "compare.png", [("train reward", reward_panel), ("kl to reference", kl_panel)])
+    panels = [Panel("Training reward", "reward", reward, essential=True), Panel("KL to the reference", "nats / token", kl)]
+    write_figure(root / "compare.png", informative(panels), title=f"{', '.join(presets)} on {config.task or 'prompts'}: {config.steps} steps each")
     print(table)
     print(f"\nwritten: {root / 'compare.md'}, {root / 'compare.png'}")
     return results

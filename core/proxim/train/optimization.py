@@ -1,0 +1,166 @@
+"""The optimisation step every recipe shares: accumulation, clipping, skipping non-finite updates, the schedule.
+
+One update::
+
+    for each micro-batch: loss = loss_of(micro-batch)   (already its share: normalised by the caller over
+                          accelerator.backward(loss)      the whole update, e.g. the objective's global count)
+                                                          gradient sync only on the last micro-batch (DDP)
+    clip the global gradient norm (max_grad_norm; 0 = no clipping, the norm is still measured)
+    loss and norm finite on every process?  AdamW step and schedule step  :  skip, count, zero the gradients
+    K skipped updates in a row (max_nonfinite) raise `NonFiniteUpdates`; the recipe's loop checkpoints first
+
+The learning-rate schedule is transformers' (``constant`` with warm-up, ``linear``, ``cosine``) over a
+horizon of optimiser updates fixed when the run starts; the horizon is saved with the optimiser, so a
+resumed run with more ``--steps`` continues the same curve instead of stretching it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+import torch
+from torch import nn
+
+from proxim.errors import TrainingError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from proxim.train.sections import Optimizer
+
+_M = TypeVar("_M")
+
+#: The ``lr_schedule`` setting -> the transformers scheduler (each with linear warm-up).
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+class NonFiniteUpdates(TrainingError):
+    """Too many optimiser updates in a row had a non-finite loss or gradient."""
+
+
+@attrs.frozen
+class Update:
+    """One optimiser update: the summed micro-batch losses and the gradient norm (None when it was skipped)."""
+
+    loss: torch.Tensor
+    grad_norm: float | None
+
+    @property
+    def skipped(self) -> bool:
+        return self.grad_norm is None
+
+
+class Optimization:
+    """AdamW over parameter groups, its learning-rate schedule, and the update rule above.
+
+    groups: ``[{"params": [...], "lr": ...}, ...]`` (one per model: policy, critic). horizon: optimiser
+    updates the schedule spans. Call `prepare` once with the run's models (accelerate wraps them and the
+    optimiser), then `update` for each update. local: this process trains alone while the others wait (the
+    warm start): nothing is wrapped or synchronised across processes.
+    """
+
+    def __init__(self, accelerator: Accelerator, groups: list[dict[str, Any]], settings: Optimizer, horizon: int, local: bool = False):
+        self.accelerator = accelerator
+        self.local = local
+        self.settings = settings
+        self.optimizer: Any = torch.optim.AdamW(
+            groups, betas=(settings.adam_beta1, settings.adam_beta2), eps=settings.adam_eps, weight_decay=settings.weight_decay
+        )
+        self.horizon = horizon
+        self.scheduler = self._schedule(horizon)
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.models: tuple[nn.Module, ...] = ()
+
+    def _schedule(self, horizon: int) -> Any:
+        from transformers import get_scheduler
+
+        return get_scheduler(SCHEDULES[self.settings.lr_schedule], self.optimizer, num_warmup_steps=self.settings.warmup_updates, num_training_steps=max(horizon, 1))
+
+    def prepare(self, *models: _M) -> tuple[_M, ...]:
+        """Let accelerate place and wrap `models` and the optimiser (DDP, mixed precision); returns the wrapped models."""
+        *wrapped, self.optimizer = self.accelerator.prepare(*models, self.optimizer)
+        self.models = tuple(wrapped)
+        return tuple(wrapped)
+
+    @property
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the first parameter group, as the next update will use it."""
+        return float(self.scheduler.get_last_lr()[0])
+
+    def update(self, micro_batches: Sequence[_M], loss_of: Callable[[_M], torch.Tensor]) -> Update:
+        """Accumulate `loss_of` over `micro_batches`, then clip and step (or skip a non-finite update); see the module docstring."""
+        acc = self.accelerator
+        if not micro_batches:
+            raise ValueError("an update needs at least one micro-batch")
+        total: torch.Tensor | None = None
+        for k, micro in enumerate(micro_batches):
+            with contextlib.ExitStack() as stack:
+                if k < len(micro_batches) - 1:  # gradients are synchronised once, on the last micro-batch
+                    for model in self.models:
+                        stack.enter_context(acc.no_sync(model))
+                loss = loss_of(micro)
+                if self.local:
+                    torch.autograd.backward(loss)
+                else:
+                    acc.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
+        return Update(total, self._step(total))
+
+    def _step(self, loss: torch.Tensor) -> float | None:
+        acc, settings = self.accelerator, self.settings
+        max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+        clip = torch.nn.utils.clip_grad_norm_ if self.local else acc.clip_grad_norm_
+        grad_norm = clip(self.parameters, max_norm)
+        finite = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device)) & torch.isfinite(loss)
+        if acc.num_processes > 1 and not self.local:
+            finite = acc.reduce(finite.float(), reduction="min") > 0
+        ok = bool(finite)
+        if ok:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_streak = 0
+        else:
+            if acc.scaler is not None and not self.local:  # fp16: the loss scaler skips the step itself and lowers its scale
+                self.optimizer.step()
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.nonfinite_streak >= settings.max_nonfinite:
+            raise NonFiniteUpdates(
+                f"{self.nonfinite_streak} optimiser updates in a row had a non-finite loss or gradient; stopped. "
+                "Lower the learning rate, check the rewards or the data, or raise max_nonfinite."
+            )
+        return float(grad_norm) if ok else None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "horizon": self.horizon,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_streak": self.nonfinite_streak,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a saved state, its schedule horizon included (the schedule continues the saved curve)."""
+        self.horizon = int(state["horizon"])
+        self.scheduler = self._schedule(self.horizon)  # before the optimiser's state: building a schedule resets the groups' lr
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+
+
+def parameter_groups(models: Iterable[tuple[nn.Module, float]]) -> list[dict[str, Any]]:
+    """One AdamW parameter group per (model, learning rate), with the model's trainable parameters."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr} for model, lr in models]

@@ -1,0 +1,307 @@
+"""The sections of settings that recipes share: each a small frozen class of related settings, with its checks.
+
+A recipe's configuration (`proxim.train.config`) inherits the sections it uses. A section checks its own
+values on construction (`proxim.train.settings`) and what needs a look around in `Checked.validate`
+(files and directories exist, the task is registered), cooperatively through ``super()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from proxim.errors import ConfigurationError
+from proxim.train.settings import Settings, section, setting
+
+if TYPE_CHECKING:
+    import proxim
+    from proxim.tasks import Task
+
+
+@attrs.frozen
+class CheckContext:
+    """What the checks need beyond the settings: the registry, the process count, what the caller passes in code."""
+
+    registry: proxim.Registry
+    num_processes: int = 1
+    custom_rewards: bool = False
+    custom_prompts: bool = False
+
+
+class Checked(Settings):
+    """Sections add their own checks to `validate` (cooperatively, through ``super()``)."""
+
+    def validate(self, context: CheckContext) -> None:
+        """Raise `ConfigurationError` for what this configuration's sections find wrong."""
+
+
+def _local_dirs(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not Path(value).is_dir():
+            raise ConfigurationError(f"{name}={value!r} is not a local directory (nothing is downloaded).")
+
+
+def _files(settings: Settings, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and not Path(value).is_file():
+            raise ConfigurationError(f"{name}={value!r} does not exist.")
+
+
+# -- objective -------------------------------------------------------------------------------------
+
+
+@section("objective")
+class Preset(Checked):
+    preset: str | None = setting(None, "objective preset (see `proxim plugins`); default grpo when no --baseline/--advantage/--region is given, else none (free composition)", none_word=False)
+
+
+@section("objective")
+class Parts(Checked):
+    baseline: str | None = setting(None, "baseline part by name, replacing the preset's")
+    advantage: str | None = setting(None, "advantage part by name, replacing the preset's")
+    region: str | None = setting(None, "trust-region part by name, replacing the preset's")
+
+
+@section("objective")
+class Overrides(Checked):
+    set: dict[str, Any] = setting({}, "objective hyperparameter overrides, routed by name: --set kl_coef=0.01 --set region.eps_high=0.28", metavar="KEY=VALUE")
+
+
+@section("objective")
+class AdaptiveKL(Checked):
+    adaptive_kl: bool = setting(False, "adapt kl_coef toward kl_target after each rollout (Ziegler et al. 2019); needs kl_coef > 0")
+    kl_target: float = setting(6.0, "adaptive KL: target KL per sequence (nats)", min=0.0, min_open=True)
+    kl_horizon: int = setting(10000, "adaptive KL: horizon, in sequences", min=1)
+
+
+# -- task, prompts and rewards ---------------------------------------------------------------------
+
+
+@section("task and rewards")
+class TaskChoice(Checked):
+    task: str | None = setting("arithmetic", "registered task (arithmetic, reverse, count, or a plugin's): prompts, reward and held-out set; 'none' with a prompts_file")
+    eval_size: int | None = setting(None, "held-out prompts to evaluate before and after training; default the task's (200)", min=1)
+
+    def validate(self, context: CheckContext) -> None:
+        if self.task is not None:
+            context.registry.get("task", self.task)
+        super().validate(context)
+
+    def load_task(self, registry: proxim.Registry) -> Task | None:
+        """The task's instance, or None without one."""
+        return registry.get("task", self.task)() if self.task is not None else None
+
+
+@section("task and rewards")
+class PromptFiles(Checked):
+    prompts_file: str | None = setting(None, "JSONL file of training prompts ({\"prompt\": ..., \"answer\": ..., other fields}), instead of the task's")
+    eval_prompts_file: str | None = setting(None, "JSONL file of held-out prompts; default: the task's held-out set, or the first eval_size rows of prompts_file")
+
+    def validate(self, context: CheckContext) -> None:
+        _files(self, "prompts_file", "eval_prompts_file")
+        super().validate(context)
+
+
+@section("task and rewards")
+class Rewards(Checked):
+    rewards: list[str] = setting(["task"], "reward functions: 'task', 'module:function' or 'file.py:function'", metavar="SPEC")
+    reward_weights: list[float] = setting([], "one weight per reward function (default all 1)", metavar="W")
+    reward_model: str | None = setting(None, "directory of a transformers sequence-classification reward model (num_labels=1), added to the rewards")
+    reward_model_weight: float = setting(1.0, "weight of the reward model's score")
+
+    def validate(self, context: CheckContext) -> None:
+        _local_dirs(self, "reward_model")
+        super().validate(context)
+
+
+@section("task and rewards")
+class Records(Checked):
+    data: str | None = setting(None, "JSONL records for offline training: {prompt, chosen, rejected} pairs for --preset dpo/ipo/hinge and proxim reward-model, {prompt, response} for proxim sft; default: built from the task")
+
+    def validate(self, context: CheckContext) -> None:
+        _files(self, "data")
+        super().validate(context)
+
+
+@section("task and rewards")
+class PreferencePairs(Checked):
+    preference_prompts: int = setting(16384, "default preference set: training prompts the initial policy answers twice (sampled); the better answer by task reward is chosen, ties are dropped (held out: 8 answers to each held-out prompt, paired two by two)", min=1)
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+
+@section("model")
+class Model(Checked):
+    model: str | None = setting(None, "local directory of a transformers causal LM and its tokenizer; default the built-in tiny Llama")
+    tokenizer: str | None = setting(None, "tokenizer directory, when it is not the model's")
+    trust_remote_code: bool = setting(False, "allow model code shipped with a local model (off unless asked for)")
+    tiny_hidden_size: int = setting(128, "built-in model: hidden size", min=8)
+    tiny_layers: int = setting(2, "built-in model: decoder layers", min=1)
+    tiny_heads: int = setting(4, "built-in model: attention heads (must divide the hidden size)", min=1)
+    mixed_precision: str = setting("no", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+
+    def validate(self, context: CheckContext) -> None:
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise ConfigurationError(f"tiny_heads={self.tiny_heads} must divide tiny_hidden_size={self.tiny_hidden_size}.")
+        _local_dirs(self, "model", "tokenizer")
+        super().validate(context)
+
+    def start_model(self) -> str | None:
+        """The directory training starts from; None for the built-in tiny model."""
+        return self.model
+
+
+@section("model")
+class Init(Model):
+    init: str | None = setting(None, "start from this saved policy instead of --model, as is (no warm start): a proxim sft model/ folder or any local causal LM with its tokenizer; it is also the KL reference, and proxim reward-model's backbone")
+
+    def validate(self, context: CheckContext) -> None:
+        if self.init is not None and self.model is not None:
+            raise ConfigurationError(f"init={self.init!r} and model={self.model!r} both name the starting model; give one of them.")
+        _local_dirs(self, "init")
+        super().validate(context)
+
+    def start_model(self) -> str | None:
+        """The directory training starts from (`init`, else `model`); None for the built-in tiny model."""
+        return self.init or self.model
+
+
+@section("model")
+class Critic(Checked):
+    critic_model: str | None = setting(None, "critic backbone directory (objectives with a critic); default a copy of the policy's backbone")
+
+    def validate(self, context: CheckContext) -> None:
+        _local_dirs(self, "critic_model")
+        super().validate(context)
+
+
+@section("model")
+class Scoring(Checked):
+    logprob_chunk_size: int = setting(4096, "token positions whose logits exist at once when gathering log-probs", min=1)
+
+
+# -- warm start ------------------------------------------------------------------------------------
+
+
+@section("warm start")
+class WarmStart(Checked):
+    warmstart_steps: int | None = setting(None, "supervised steps on the task's answers before RL (cached); default 600 for the built-in model, 0 for --model", min=0)
+    warmstart_lr: float = setting(1e-3, "supervised learning rate (linear warm-up over 100 updates)", min=0.0, min_open=True)
+    warmstart_batch_size: int = setting(64, "supervised examples per step", min=1)
+    cache_dir: str | None = setting(None, "warm-start cache; default $PROXIM_CACHE_DIR or ~/.cache/proxim")
+
+    def warmstart_steps_for(self, start_model: str | None) -> int:
+        """The warm start's length: the setting, else 600 for the built-in model and 0 for a model directory."""
+        if self.warmstart_steps is not None:
+            return self.warmstart_steps
+        return 600 if start_model is None else 0
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+@section("sampling")
+class Steps(Checked):
+    steps: int = setting(400, "training steps; each is one rollout and its updates (one batch of pairs offline)", min=1, resumable=True)
+    prompts_per_step: int = setting(32, "prompts per step, over all processes (divisible by the process count); preference pairs per step when training offline", min=1)
+
+    def validate(self, context: CheckContext) -> None:
+        if self.prompts_per_step % context.num_processes:
+            raise ConfigurationError(f"prompts_per_step={self.prompts_per_step} must be divisible by the {context.num_processes} processes.")
+        super().validate(context)
+
+
+@section("sampling")
+class Sampling(Checked):
+    temperature: float = setting(1.0, "sampling temperature; the same temperature scales the logits when scoring log-probs", min=0.0, min_open=True)
+    top_p: float = setting(1.0, "nucleus sampling threshold", min=0.0, min_open=True, max=1.0)
+
+
+@section("sampling")
+class Generation(Checked):
+    max_new_tokens: int | None = setting(None, "response length limit in tokens; default the task's (64 for prompts files)", min=1)
+    generation_batch_size: int | None = setting(None, "hf generator: sequences per generate call; default all at once", min=1)
+
+    def max_new_tokens_for(self, task: Task | None) -> int:
+        """The response length limit: the setting, else the task's, else 64."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return int(task.max_new_tokens) if task is not None else 64
+
+
+@section("sampling")
+class Rollout(Checked):
+    group_size: int = setting(8, "responses sampled per prompt (G)", min=1)
+    old_logprobs: str = setting("recompute", "old log-probs (the trust region's anchor, stage 1's KL): recompute (a policy forward after sampling) or sampler (the generator's own, recorded while sampling: one forward pass less per step; needs top_p=1)", choices=("recompute", "sampler"))
+    generator: str = setting("hf", "hf (transformers generate) or vllm (needs vLLM installed)", choices=("hf", "vllm"))
+    vllm_gpu_memory_utilization: float = setting(0.3, "vllm generator on GPU: fraction of GPU memory for the engine", min=0.0, min_open=True, max=1.0)
+
+
+# -- optimisation ----------------------------------------------------------------------------------
+
+
+@section("optimisation")
+class Optimizer(Checked):
+    weight_decay: float = setting(0.0, "AdamW weight decay", min=0.0)
+    adam_beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=1.0)
+    adam_beta2: float = setting(0.99, "AdamW beta2", min=0.0, max=1.0)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", min=0.0, min_open=True)
+    lr_schedule: str = setting("constant", "learning-rate schedule after warm-up, over all optimiser updates (transformers' schedulers; the horizon is saved, so a resumed run continues the same curve)", choices=("constant", "linear", "cosine"))
+    warmup_updates: int = setting(0, "optimiser updates of linear learning-rate warm-up", min=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0: no clipping; the norm is still logged)", min=0.0)
+    max_nonfinite: int = setting(5, "stop with an error (and a checkpoint) after this many non-finite updates in a row", min=1)
+    micro_batch_size: int | None = setting(None, "sequences (pairs, records) per forward/backward (gradient accumulation); default the minibatch", min=1)
+
+
+@section("optimisation")
+class SupervisedOptimizer(Optimizer):
+    """The optimiser of supervised fine-tuning and of the warm start: warm-up over 100 updates, beta2 0.98, no clipping."""
+
+    adam_beta2: float = setting(0.98, "AdamW beta2", min=0.0, max=1.0)
+    warmup_updates: int = setting(100, "optimiser updates of linear learning-rate warm-up", min=0)
+    max_grad_norm: float = setting(0.0, "gradient clipping by global norm (0: no clipping; the norm is still logged)", min=0.0)
+
+
+@section("optimisation")
+class LearningRate(Checked):
+    lr: float = setting(1e-4, "learning rate (AdamW)", min=0.0)
+
+
+@section("optimisation")
+class Updates(Checked):
+    epochs: int = setting(1, "passes over each rollout (E), in shuffled minibatches", min=1)
+    minibatch_size: int | None = setting(None, "sequences per optimiser update, per process; default the whole rollout", min=1)
+    critic_lr: float | None = setting(None, "critic learning rate; default lr", min=0.0)
+
+
+# -- run -------------------------------------------------------------------------------------------
+
+
+@section("run")
+class Run(Checked):
+    output_dir: str = setting("runs", "where run folders are created")
+    seed: int = setting(0, "seed of prompts, sampling, shuffling and the built-in model", min=0)
+    save_every: int = setting(50, "checkpoint every N steps (0: only at the end and on interruption)", min=0, resumable=True)
+    keep_checkpoints: int = setting(2, "checkpoints kept (oldest deleted)", min=1, resumable=True)
+    tracker: str = setting("auto", "accelerate tracker: auto (tensorboard when installed), tensorboard, none", choices=("auto", "tensorboard", "none"), resumable=True)
+    quiet: bool = setting(False, "no progress bar or progress messages (the final table is still printed)", resumable=True)
+
+
+@section("run")
+class RunName(Checked):
+    run_name: str | None = setting(None, "the run folder's name; default <preset>-<task>-<date>-<time>")
+
+
+@section("run")
+class Evaluation(Checked):
+    eval_every: int = setting(0, "also evaluate on the held-out set every N steps, logged as eval/* in metrics.jsonl (0: before and after only)", min=0, resumable=True)
+
+
+@section("run")
+class SampleLog(Checked):
+    log_samples: int = setting(4, "completions per step written to samples.jsonl", min=0, resumable=True)
