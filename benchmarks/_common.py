@@ -43,12 +43,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", default=default_device, help=f"torch device (default: {default_device})")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared 2-core machine more threads make timings erratic)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared 2-core machine more threads make timings erratic)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per cell; the median is reported")
-    p.add_argument("--clock", choices=("auto", "thread", "wall"), default="auto",
-                   help="thread: CPU time of this thread (time.thread_time), robust when other processes share the "
-                        "cores; wall: perf_counter. auto: thread on CPU with --threads 1, wall otherwise")
+    p.add_argument(
+        "--clock",
+        choices=("auto", "thread", "wall"),
+        default="auto",
+        help="thread: CPU time of this thread (time.thread_time), robust when other processes share the "
+        "cores; wall: perf_counter. auto: thread on CPU with --threads 1, wall otherwise",
+    )
     p.add_argument("--quick", action="store_true", help="fewer repeats and cells: a smoke run, not for the docs")
     p.add_argument("--no-write", action="store_true", help="print the table only; leave docs/benchmarks.md alone")
     return p
@@ -92,7 +95,7 @@ def measure(fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats:
     samples: dict[str, list[float]] = defaultdict(list)
     names = list(fns)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn, n = fns[name], number[name]
             sync(device)
             start = clock()
@@ -158,7 +161,7 @@ def load_verl() -> Any | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import verl.trainer.ppo.core_algos as core_algos
-    except Exception as exc:  # noqa: BLE001 - any import failure means "no verl column"
+    except Exception as exc:
         print(f"verl not importable ({type(exc).__name__}: {exc}); its columns are skipped", file=sys.stderr)
         return None
     return core_algos
@@ -177,7 +180,7 @@ def trl_available() -> bool:
             warnings.simplefilter("ignore")
             import trl  # noqa: F401
             from trl import GRPOTrainer  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"trl not importable ({type(exc).__name__}: {exc}); its columns are skipped", file=sys.stderr)
         return False
     return True
@@ -203,8 +206,9 @@ def trl_grpo_loss(loss_type: str, mask: torch.Tensor, **config: Any) -> Callable
     Build `inputs` with ``trl_harness.grpo_inputs``."""
     import tempfile
 
-    return trl_harness.grpo_loss(loss_type, output_dir=tempfile.mkdtemp(prefix="proxim-bench-"),
-                                 use_cpu=mask.device.type == "cpu", max_completion_length=mask.shape[1], **config)
+    return trl_harness.grpo_loss(
+        loss_type, output_dir=tempfile.mkdtemp(prefix="proxim-bench-"), use_cpu=mask.device.type == "cpu", max_completion_length=mask.shape[1], **config
+    )
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -240,16 +244,18 @@ def write_section(key: str, title: str, body: str) -> None:
 
 CLOCK_NOTE = {
     "thread": "CPU time of the benchmarking thread (`time.thread_time`, one torch thread): the machine is shared, "
-              "and wall time there mostly measures the other tenants",
+    "and wall time there mostly measures the other tenants",
     "wall": "wall time (`time.perf_counter`, with a device synchronize around each timed batch)",
 }
 
 
 def header_lines(device: torch.device, threads: int, repeats: int) -> str:
-    return "\n".join([
-        f"- command: `{command()}`",
-        f"- machine: {machine(device, threads)}",
-        f"- versions: {versions()}",
-        f"- date: {time.strftime('%Y-%m-%d')}; medians of {repeats} repeats, all columns of a row timed round-robin in one process",
-        f"- clock: {CLOCK_NOTE[CLOCK['name']]}",
-    ])
+    return "\n".join(
+        [
+            f"- command: `{command()}`",
+            f"- machine: {machine(device, threads)}",
+            f"- versions: {versions()}",
+            f"- date: {time.strftime('%Y-%m-%d')}; medians of {repeats} repeats, all columns of a row timed round-robin in one process",
+            f"- clock: {CLOCK_NOTE[CLOCK['name']]}",
+        ]
+    )

@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as common  # noqa: E402
+import _common as common
 
-import proxim  # noqa: E402
-from proxim import ops  # noqa: E402
+import proxim
+from proxim import ops
 
 # -- Python-loop references ----------------------------------------------------------------------------
 
@@ -158,17 +158,25 @@ def outcome_cells(core_algos: Any, groups: int, size: int, tokens: int, device: 
     rollout, mask = d["rollout"], d["mask"]
     cells = []
     specs: list[tuple[str, proxim.Objective, Callable[[], torch.Tensor], list[str]]] = [
-        ("group_normalized", proxim.objective("grpo", kl_coef=0.0), lambda: loop_group_normalized(d["rewards"], d["group"], mask),
-         ["compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage"]),
-        ("leave_one_out", proxim.objective("rloo", kl_coef=0.0), lambda: loop_leave_one_out(d["rewards"], d["group"], mask),
-         ["compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage"]),
+        (
+            "group_normalized",
+            proxim.objective("grpo", kl_coef=0.0),
+            lambda: loop_group_normalized(d["rewards"], d["group"], mask),
+            ["compute_grpo_outcome_advantage", "compute_grpo_vectorized_outcome_advantage"],
+        ),
+        (
+            "leave_one_out",
+            proxim.objective("rloo", kl_coef=0.0),
+            lambda: loop_leave_one_out(d["rewards"], d["group"], mask),
+            ["compute_rloo_outcome_advantage", "compute_rloo_vectorized_outcome_advantage"],
+        ),
         ("pairwise", proxim.objective("lampo"), lambda: loop_pairwise(d["rewards"], d["group"], mask, d["old"]), []),
     ]
     for name, obj, loop, verl_names in specs:
         fns: dict[str, Callable[[], torch.Tensor]] = {"proxim": (lambda obj=obj: obj.advantages(rollout).advantages), "Python loop": loop}
         if core_algos is not None:
             index = verl_index(d["group"])
-            for label, fn_name in zip(("verl", "verl vec"), verl_names):  # noqa: B905 - pairwise has no verl names
+            for label, fn_name in zip(("verl", "verl vec"), verl_names):
                 fn = getattr(core_algos, fn_name)
                 fns[label] = lambda fn=fn, index=index: fn(d["token_rewards"], d["fmask"], index)[0]
         check(name, {k: f() for k, f in fns.items()}, mask, atol=1e-4)
@@ -211,30 +219,38 @@ def main() -> None:
     rows = []
     for name, size, t in cells:
         px = t["proxim"]
-        rows.append([
-            name, size, common.fmt_time(px), common.fmt_time(t.get("verl")), common.fmt_time(t.get("verl vec")),
-            common.fmt_time(t["Python loop"]),
-            common.fmt_ratio(t["verl"] / px if "verl" in t else None),
-            common.fmt_ratio(t["verl vec"] / px if "verl vec" in t else None),
-            common.fmt_ratio(t["Python loop"] / px),
-        ])
+        rows.append(
+            [
+                name,
+                size,
+                common.fmt_time(px),
+                common.fmt_time(t.get("verl")),
+                common.fmt_time(t.get("verl vec")),
+                common.fmt_time(t["Python loop"]),
+                common.fmt_ratio(t["verl"] / px if "verl" in t else None),
+                common.fmt_ratio(t["verl vec"] / px if "verl vec" in t else None),
+                common.fmt_ratio(t["Python loop"] / px),
+            ]
+        )
     tab = common.table(header, rows)
     print()
     print(tab)
     if args.no_write or args.quick:
         return
-    body = "\n".join([
-        f"Stage 1 on float32: {args.groups} groups of {args.group_size} responses (B = {args.groups * args.group_size}, "
-        f"T = {args.tokens} for the [B, T] output) for the outcome estimators; GAE (gamma 1, lambda 0.95, whitened) "
-        f"on B = {args.gae_batch}, T = {args.gae_tokens} with right padding. proxim's time is the whole "
-        "`Objective.advantages` call (group-size check and stage-1 metrics included). Ratios > 1 mean proxim is "
-        "faster. Every implementation's output is checked against proxim's before timing. verl has no pairwise "
-        "estimator; 'verl vec' is its vectorized variant where it has one.",
-        "",
-        common.header_lines(device, args.threads, repeats),
-        "",
-        tab,
-    ])
+    body = "\n".join(
+        [
+            f"Stage 1 on float32: {args.groups} groups of {args.group_size} responses (B = {args.groups * args.group_size}, "
+            f"T = {args.tokens} for the [B, T] output) for the outcome estimators; GAE (gamma 1, lambda 0.95, whitened) "
+            f"on B = {args.gae_batch}, T = {args.gae_tokens} with right padding. proxim's time is the whole "
+            "`Objective.advantages` call (group-size check and stage-1 metrics included). Ratios > 1 mean proxim is "
+            "faster. Every implementation's output is checked against proxim's before timing. verl has no pairwise "
+            "estimator; 'verl vec' is its vectorized variant where it has one.",
+            "",
+            common.header_lines(device, args.threads, repeats),
+            "",
+            tab,
+        ]
+    )
     suffix = "" if device.type == "cpu" else f" ({device.type})"
     common.write_section(f"advantages-{device.type}", f"2. Advantages, stage 1{suffix}", body)
 

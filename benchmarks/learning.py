@@ -41,9 +41,28 @@ def online_presets() -> list[str]:
 
 def train_command(preset: str, seed: int, args: argparse.Namespace, output_dir: Path | None = None) -> list[str]:
     return [
-        sys.executable, "-m", "proxim", "train", "--preset", preset, "--seed", str(seed), "--steps", str(args.steps),
-        "--eval-every", str(args.eval_every), "--output-dir", str(output_dir or args.output_dir), "--run-name", f"{preset}-seed{seed}",
-        "--save-every", "0", "--tracker", "none", "--quiet", *args.train_args,
+        sys.executable,
+        "-m",
+        "proxim",
+        "train",
+        "--preset",
+        preset,
+        "--seed",
+        str(seed),
+        "--steps",
+        str(args.steps),
+        "--eval-every",
+        str(args.eval_every),
+        "--output-dir",
+        str(output_dir or args.output_dir),
+        "--run-name",
+        f"{preset}-seed{seed}",
+        "--save-every",
+        "0",
+        "--tracker",
+        "none",
+        "--quiet",
+        *args.train_args,
     ]
 
 
@@ -139,7 +158,11 @@ def sweep(args: argparse.Namespace) -> None:
         warm = args.output_dir / ".warm"
         seeds = sorted({s for _, s in todo})
         deadline = time.perf_counter() + args.time_limit
-        list(pool.map(lambda s: run_one([*train_command("grpo", s, args, warm), "--steps", "1", "--eval-size", "1"], warm / f"seed{s}", args.threads, deadline), seeds))
+        list(
+            pool.map(
+                lambda s: run_one([*train_command("grpo", s, args, warm), "--steps", "1", "--eval-size", "1"], warm / f"seed{s}", args.threads, deadline), seeds
+            )
+        )
         futures = [pool.submit(run_one, train_command(p, s, args), args.output_dir / f"{p}-seed{s}", args.threads, deadline) for p, s in todo]
         for future in concurrent.futures.as_completed(futures):
             run_dir, status, seconds = future.result()
@@ -156,16 +179,23 @@ def trl_sweep(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         sft_dir = args.output_dir / ".sft" / f"seed{seed}"
         if not (sft_dir / "model" / "config.json").is_file():
-            subprocess.run([sys.executable, "-m", "proxim", "sft", "--seed", str(seed), "--output-dir", str(sft_dir.parent),
-                            "--run-name", sft_dir.name, "--quiet"], check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+            subprocess.run(
+                [sys.executable, "-m", "proxim", "sft", "--seed", str(seed), "--output-dir", str(sft_dir.parent), "--run-name", sft_dir.name, "--quiet"],
+                check=True,
+                env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
+            )
         proxim_run = args.output_dir / f"grpo_vs_trl-seed{seed}"
         if curve(proxim_run) is None:
             cmd = [*train_command("grpo", seed, args), "--init", str(sft_dir / "model"), "--run-name", proxim_run.name]
             print(f"  {proxim_run.name}: {run_one(cmd, proxim_run, args.threads, float('inf'))[1]}", file=sys.stderr)
         trl_run = args.output_dir / f"trl_grpo-seed{seed}"
         if curve(trl_run) is None:
-            cmd = [sys.executable, __file__, "--trl-child", json.dumps({"seed": seed, "steps": args.steps, "eval_every": args.eval_every,
-                                                                         "model": str(sft_dir / "model"), "run_dir": str(trl_run)})]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--trl-child",
+                json.dumps({"seed": seed, "steps": args.steps, "eval_every": args.eval_every, "model": str(sft_dir / "model"), "run_dir": str(trl_run)}),
+            ]
             print(f"  {trl_run.name}: {run_one(cmd, trl_run, args.threads, float('inf'))[1]}", file=sys.stderr)
 
 
@@ -174,11 +204,12 @@ def trl_child(spec: dict[str, Any]) -> None:
     the task's held-out set), written in proxim's run-folder format (eval.json, metrics.jsonl) for `collect`."""
     import warnings
 
-    import proxim
     import torch
+    from transformers import TrainerCallback
+
+    import proxim
     from proxim.train import TrainConfig
     from proxim.train.evaluation import task_accuracy
-    from transformers import TrainerCallback
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     defaults = TrainConfig()
@@ -216,9 +247,19 @@ def trl_child(spec: dict[str, Any]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = peer.grpo_trainer(
-            spec["model"], rows, reward, output_dir=str(run_dir / "trl"), group_size=defaults.group_size,
-            prompts_per_step=defaults.prompts_per_step, steps=spec["steps"], max_new_tokens=defaults.resolved_max_new_tokens(task),
-            lr=defaults.lr, beta=grpo.options.kl_coef, temperature=defaults.temperature, seed=spec["seed"], callbacks=[HeldOut()],
+            spec["model"],
+            rows,
+            reward,
+            output_dir=str(run_dir / "trl"),
+            group_size=defaults.group_size,
+            prompts_per_step=defaults.prompts_per_step,
+            steps=spec["steps"],
+            max_new_tokens=defaults.resolved_max_new_tokens(task),
+            lr=defaults.lr,
+            beta=grpo.options.kl_coef,
+            temperature=defaults.temperature,
+            seed=spec["seed"],
+            callbacks=[HeldOut()],
         )
         trainer.train()
 
@@ -284,32 +325,37 @@ def main() -> None:
     names = sorted(results)
     per_panel = 6  # the legend of one panel holds about six names
     panels = [names[i : i + per_panel] for i in range(0, len(names), per_panel)]
-    curves = [Panel("Held-out accuracy, mean over seeds", "accuracy (greedy)", [Series(p, mean_curve(results[p])) for p in panel], percent=True) for panel in panels]
+    curves = [
+        Panel("Held-out accuracy, mean over seeds", "accuracy (greedy)", [Series(p, mean_curve(results[p])) for p in panel], percent=True) for panel in panels
+    ]
     write_figure(png, curves, title="proxim presets on arithmetic")
     intro = (
         "proxim grpo (`grpo_vs_trl`) and TRL's GRPOTrainer (`trl_grpo`), each seed starting from the same saved warm "
         "start (`proxim sft --seed S`), with proxim grpo's defaults on both sides (TRL's settings: `peers/trl_trainer.py`, "
         "listed in section 4) and the same prompts in the same order; TRL's model is evaluated by proxim's own greedy "
         "generator on the same held-out set every K steps (a callback)."
-        if trl else
-        "Held-out accuracy (greedy decoding, the task's 200 held-out prompts) against training step, mean ± standard "
+        if trl
+        else "Held-out accuracy (greedy decoding, the task's 200 held-out prompts) against training step, mean ± standard "
         "deviation over seeds; every other setting is `proxim train`'s default."
     )
-    body = "\n".join([
-        intro + " The mean curves:",
-        "",
-        f"![held-out accuracy against step]({png.name})",
-        "",
-        text,
-        "",
-        "Each run, before → after:",
-        "",
-        per_seed_table(results),
-    ])
+    body = "\n".join(
+        [
+            intro + " The mean curves:",
+            "",
+            f"![held-out accuracy against step]({png.name})",
+            "",
+            text,
+            "",
+            "Each run, before → after:",
+            "",
+            per_seed_table(results),
+        ]
+    )
     sweep_info = json.loads((args.output_dir / "sweep.json").read_text())
     header = "\n".join(f"- {key}: {sweep_info[key]}" for key in ("command", "machine", "versions", "date", "budget"))
     key, title = ("learning-trl", "5b. Learning curves: proxim and TRL from the same warm start") if trl else ("learning", "5. Learning curves")
     _common.write_section(key, title, header + "\n\n" + body)
+
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as common
+
 from proxim.train.logprobs import gather_logprobs
 
 #: (B, T, H, V); V = 32000 (Llama 2, Mistral 7B) and 128256 (Llama 3).
@@ -88,9 +89,11 @@ VARIANTS: dict[str, Callable[[dict[str, Any], int], torch.Tensor]] = {
 def call(variant: str, mode: str, x: dict[str, Any], chunk: int) -> Callable[[], Any]:
     fn = VARIANTS[variant]
     if mode == "fwd":
+
         def fwd() -> Any:
             with torch.no_grad():
                 return fn(x, chunk)
+
         return fwd
 
     def fwd_bwd() -> Any:
@@ -144,8 +147,13 @@ def child(spec: dict[str, Any]) -> None:
 
 def peak_memory(variant: str, mode: str, shape: tuple[int, ...], chunk: int, device: torch.device, threads: int) -> int:
     spec = {"variant": variant, "mode": mode, "shape": list(shape), "chunk": chunk, "device": str(device), "threads": threads}
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, check=False,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     if out.returncode != 0:
         raise RuntimeError(f"memory child {spec} failed:\n{out.stderr[-3000:]}")
     return int(json.loads(out.stdout.strip().splitlines()[-1])["peak"])
@@ -179,42 +187,69 @@ def main() -> None:
             tg = times.get(f"generic {mode}")
             mg = mem.get("generic")
             row = [
-                f"{b}x{t}", str(h), str(v), mode,
-                common.fmt_time(tn), common.fmt_time(tp), common.fmt_time(tg),
-                fmt_bytes(mem["naive"]), fmt_bytes(mem["proxim"]), fmt_bytes(mg) if mg is not None else "–",
-                common.fmt_ratio(tp / tn), f"{100 * mem['proxim'] / mem['naive']:.1f}%",
-                common.fmt_ratio(tg / tn if tg else None), f"{100 * mg / mem['naive']:.1f}%" if mg is not None else "–",
+                f"{b}x{t}",
+                str(h),
+                str(v),
+                mode,
+                common.fmt_time(tn),
+                common.fmt_time(tp),
+                common.fmt_time(tg),
+                fmt_bytes(mem["naive"]),
+                fmt_bytes(mem["proxim"]),
+                fmt_bytes(mg) if mg is not None else "–",
+                common.fmt_ratio(tp / tn),
+                f"{100 * mem['proxim'] / mem['naive']:.1f}%",
+                common.fmt_ratio(tg / tn if tg else None),
+                f"{100 * mg / mem['naive']:.1f}%" if mg is not None else "–",
             ]
             rows.append(row)
             print(" | ".join(row), flush=True)
             met = tp / tn <= 1.2 and mem["proxim"] <= 0.25 * mem["naive"]
-            summary.append(f"- V={v}, {mode}: proxim/naive time {tp / tn:.2f}x, peak {100 * mem['proxim'] / mem['naive']:.1f}% "
-                           f"of naive's; goal (<= 1.2x, <= 25%) {'met' if met else 'missed'}")
+            summary.append(
+                f"- V={v}, {mode}: proxim/naive time {tp / tn:.2f}x, peak {100 * mem['proxim'] / mem['naive']:.1f}% "
+                f"of naive's; goal (<= 1.2x, <= 25%) {'met' if met else 'missed'}"
+            )
         summary.append(f"- V={v}: largest relative difference proxim vs naive (log-probs, hidden and weight gradients): {err:.1e}")
-    header = ["B x T", "H", "V", "mode", "naive", "proxim", "generic", "peak naive", "peak proxim", "peak generic",
-              "proxim/naive time", "proxim/naive peak", "generic/naive time", "generic/naive peak"]
+    header = [
+        "B x T",
+        "H",
+        "V",
+        "mode",
+        "naive",
+        "proxim",
+        "generic",
+        "peak naive",
+        "peak proxim",
+        "peak generic",
+        "proxim/naive time",
+        "proxim/naive peak",
+        "generic/naive time",
+        "generic/naive peak",
+    ]
     tab = common.table(header, rows)
     print()
     print(tab)
     print("\n".join(summary))
     if args.no_write or args.quick:
         return
-    body = "\n".join([
-        f"Sampled-token log-probs through a bias-free linear head, float32, temperature {TEMPERATURE}, the trainer's "
-        f"`chunk_size` {args.chunk_size}. 'fwd' runs under `no_grad` (old and reference log-probs); 'fwd+bwd' also "
-        "back-propagates `sum(logprobs * c)` into the hidden states and the head weight (the policy update). 'generic' "
-        "is `gather_logprobs` with the head given as a plain callable: per-chunk `torch.utils.checkpoint`, the "
-        "implementation before this benchmark. Peak: extra memory at the call's peak over its inputs, each "
-        "(variant, mode) alone in a fresh process (CPU: resident-set high-water mark reset through "
-        "`/proc/self/clear_refs`, then VmHWM - VmRSS; CUDA: `max_memory_allocated`); in 'fwd+bwd' it includes "
-        "the gradients of hidden and weight, the same for all variants.",
-        "",
-        common.header_lines(device, args.threads, repeats),
-        "",
-        tab,
-        "",
-        *summary,
-    ])
+    body = "\n".join(
+        [
+            f"Sampled-token log-probs through a bias-free linear head, float32, temperature {TEMPERATURE}, the trainer's "
+            f"`chunk_size` {args.chunk_size}. 'fwd' runs under `no_grad` (old and reference log-probs); 'fwd+bwd' also "
+            "back-propagates `sum(logprobs * c)` into the hidden states and the head weight (the policy update). 'generic' "
+            "is `gather_logprobs` with the head given as a plain callable: per-chunk `torch.utils.checkpoint`, the "
+            "implementation before this benchmark. Peak: extra memory at the call's peak over its inputs, each "
+            "(variant, mode) alone in a fresh process (CPU: resident-set high-water mark reset through "
+            "`/proc/self/clear_refs`, then VmHWM - VmRSS; CUDA: `max_memory_allocated`); in 'fwd+bwd' it includes "
+            "the gradients of hidden and weight, the same for all variants.",
+            "",
+            common.header_lines(device, args.threads, repeats),
+            "",
+            tab,
+            "",
+            *summary,
+        ]
+    )
     suffix = "" if device.type == "cpu" else f" ({device.type})"
     common.write_section(f"logprobs-{device.type}", f"3. Sampled-token log-probs{suffix}", body + "\n\n" + WHERE.get(device.type, ""))
 

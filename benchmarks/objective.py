@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _common as common  # noqa: E402
+import _common as common
 
-import proxim  # noqa: E402
+import proxim
 
 OBJECTIVES = ("grpo", "ppo", "dppo", "drpo", "gspo")
 SIZES = ((64, 1024), (256, 1024), (64, 4096))
@@ -205,8 +205,10 @@ def main() -> None:
     core_algos = common.load_verl()
     with_trl = common.trl_available()
     rows, summary = [], []
-    ratios: dict[str, list[float]] = {key: [] for key in (
-        "proxim/hand", "proxim -m/hand", "compiled/hand", "compiled -m/hand", "verl/proxim", "verl/proxim -m", "TRL/proxim", "TRL/proxim -m")}
+    ratios: dict[str, list[float]] = {
+        key: []
+        for key in ("proxim/hand", "proxim -m/hand", "compiled/hand", "compiled -m/hand", "verl/proxim", "verl/proxim -m", "TRL/proxim", "TRL/proxim -m")
+    }
 
     def pair(key: str, num: float | None, den: float | None, key_m: str, num_m: float | None, den_m: float | None) -> str:
         """'a / b' for the with-metrics and -m ratios of one cell, recorded for the summary."""
@@ -224,7 +226,9 @@ def main() -> None:
             moved = BYTES_PER_TOKEN[name] * b * t
             copy_bw = 2 * 4 * b * t / r["copy"]
             row = [
-                name, f"{b}x{t}", *(common.fmt_time(v) for v in (hand, eager, bare, comp, comp_bare, verl, trl)),
+                name,
+                f"{b}x{t}",
+                *(common.fmt_time(v) for v in (hand, eager, bare, comp, comp_bare, verl, trl)),
                 pair("proxim/hand", eager, hand, "proxim -m/hand", bare, hand),
                 pair("compiled/hand", comp, hand, "compiled -m/hand", comp_bare, hand),
                 pair("verl/proxim", verl, eager, "verl/proxim -m", verl, bare),
@@ -234,9 +238,23 @@ def main() -> None:
             ]
             rows.append(row)
             print(" | ".join(row), flush=True)
-    header = ["objective", "B x T", "hand", "proxim", "proxim -m", "compiled", "compiled -m", "verl", "TRL",
-              "proxim/hand (-m)", "compiled/hand (-m)", "verl/proxim (-m)", "TRL/proxim (-m)",
-              "GB/s proxim -m / compiled -m / copy", "compile"]
+    header = [
+        "objective",
+        "B x T",
+        "hand",
+        "proxim",
+        "proxim -m",
+        "compiled",
+        "compiled -m",
+        "verl",
+        "TRL",
+        "proxim/hand (-m)",
+        "compiled/hand (-m)",
+        "verl/proxim (-m)",
+        "TRL/proxim (-m)",
+        "GB/s proxim -m / compiled -m / copy",
+        "compile",
+    ]
     tab = common.table(header, rows)
     for key, values in ratios.items():
         if values:
@@ -246,25 +264,27 @@ def main() -> None:
     print("\n".join(summary))
     if args.no_write or args.quick:
         return
-    body = "\n".join([
-        "Stage 2, forward and backward (the gradient with respect to the current log-probs), float32, "
-        "right-padded batches (lengths uniform in [T/2, T]), one advantage per sequence. 'proxim' is "
-        "`obj.loss(...)` as the trainer calls it, with its metrics (clip fractions, ratio mean and max, "
-        "approximate KL); 'proxim -m' is `obj.loss(..., metrics=False)`, the same loss and gradient without "
-        "them, like the hand-written loss; 'compiled' and 'compiled -m' the same under `torch.compile`. "
-        "Each proxim call gets a fresh minibatch object (`batch[:]`), as the trainer's `batch[idx]` does. "
-        "Ratio columns give 'with metrics / -m'. Times are per call; "
-        "ratios are of medians (lower is faster for the numerator). 'verl/proxim' > 1 means proxim is faster. "
-        "GB/s counts only the bytes the loss cannot avoid moving (inputs read once, gradient written once) "
-        "against a plain `copy_` of one [B, T] float32 tensor (read + write). TRL's time includes its metric "
-        "code (several `.item()` syncs), as in training; verl's policy losses call `.item()` three times too.",
-        "",
-        common.header_lines(device, args.threads, repeats),
-        "",
-        tab,
-        "",
-        *summary,
-    ])
+    body = "\n".join(
+        [
+            "Stage 2, forward and backward (the gradient with respect to the current log-probs), float32, "
+            "right-padded batches (lengths uniform in [T/2, T]), one advantage per sequence. 'proxim' is "
+            "`obj.loss(...)` as the trainer calls it, with its metrics (clip fractions, ratio mean and max, "
+            "approximate KL); 'proxim -m' is `obj.loss(..., metrics=False)`, the same loss and gradient without "
+            "them, like the hand-written loss; 'compiled' and 'compiled -m' the same under `torch.compile`. "
+            "Each proxim call gets a fresh minibatch object (`batch[:]`), as the trainer's `batch[idx]` does. "
+            "Ratio columns give 'with metrics / -m'. Times are per call; "
+            "ratios are of medians (lower is faster for the numerator). 'verl/proxim' > 1 means proxim is faster. "
+            "GB/s counts only the bytes the loss cannot avoid moving (inputs read once, gradient written once) "
+            "against a plain `copy_` of one [B, T] float32 tensor (read + write). TRL's time includes its metric "
+            "code (several `.item()` syncs), as in training; verl's policy losses call `.item()` three times too.",
+            "",
+            common.header_lines(device, args.threads, repeats),
+            "",
+            tab,
+            "",
+            *summary,
+        ]
+    )
     suffix = "" if device.type == "cpu" else f" ({device.type})"
     common.write_section(f"objective-{device.type}", f"1. Objective, stage 2{suffix}", body)
 

@@ -67,7 +67,11 @@ PROXIM_SETTINGS: dict[str, tuple[Any, str]] = {
 PHASES = (
     ("rollout (proxim `Trainer.sample`, `rollout`; TRL `_generate_and_score_completions`)", "", "sample|rollout|_generate_and_score_completions"),
     ("  generate (transformers `generate`)", "generation/utils.py", "generate"),
-    ("scoring forwards (proxim `response_logprobs`: old, ref, policy; TRL `_get_per_token_logps_and_entropies`: ref, policy)", "", "response_logprobs|_get_per_token_logps_and_entropies"),
+    (
+        "scoring forwards (proxim `response_logprobs`: old, ref, policy; TRL `_get_per_token_logps_and_entropies`: ref, policy)",
+        "",
+        "response_logprobs|_get_per_token_logps_and_entropies",
+    ),
     ("loss (proxim `Objective.loss`; TRL `_compute_loss` incl. its policy forward)", "", "loss|_compute_loss"),
     ("autograd backward (`run_backward`)", "", "<method 'run_backward' of 'torch._C._EngineBase' objects>"),
     ("optimiser step (`Optimizer.step` wrapper)", "torch/optim/optimizer.py", "wrapper|step"),
@@ -97,7 +101,7 @@ def _stamp(stamps: list[tuple[float, float]]) -> None:
 
 
 def run_proxim(spec: dict[str, Any]) -> dict[str, Any]:
-    from proxim.train import TrainConfig
+    from proxim.train import TrainConfig, train
     from proxim.train.recipes import online
 
     stamps: list[tuple[float, float]] = []
@@ -111,21 +115,31 @@ def run_proxim(spec: dict[str, Any]) -> dict[str, Any]:
     online.Trainer.step = timed_step  # type: ignore[method-assign]
     p = spec["problem"]
     config = TrainConfig(
-        model=spec["model_dir"], task=p["task"], preset=p["preset"], steps=p["steps"], prompts_per_step=p["prompts_per_step"],
-        group_size=p["group_size"], max_new_tokens=p["max_new_tokens"], lr=p["lr"], temperature=p["temperature"],
-        seed=p["seed"], set={"kl_coef": p["kl_coef"]}, output_dir=spec["out"],
+        model=spec["model_dir"],
+        task=p["task"],
+        preset=p["preset"],
+        steps=p["steps"],
+        prompts_per_step=p["prompts_per_step"],
+        group_size=p["group_size"],
+        max_new_tokens=p["max_new_tokens"],
+        lr=p["lr"],
+        temperature=p["temperature"],
+        seed=p["seed"],
+        set={"kl_coef": p["kl_coef"]},
+        output_dir=spec["out"],
         old_logprobs=spec.get("old_logprobs", "recompute"),
         **{k: v for k, (v, _) in PROXIM_SETTINGS.items()},
     )
-    online.train(config)
+    train(config)
     return {"stamps": stamps}
 
 
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     import warnings
 
-    import proxim
     from transformers import TrainerCallback
+
+    import proxim
 
     p = spec["problem"]
     peer = common._load_peer_module("trl_trainer")
@@ -140,9 +154,19 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = peer.grpo_trainer(
-            spec["model_dir"], rows, reward, output_dir=spec["out"], group_size=p["group_size"],
-            prompts_per_step=p["prompts_per_step"], steps=p["steps"], max_new_tokens=p["max_new_tokens"], lr=p["lr"],
-            beta=p["kl_coef"], temperature=p["temperature"], seed=p["seed"], callbacks=[Stamp()],
+            spec["model_dir"],
+            rows,
+            reward,
+            output_dir=spec["out"],
+            group_size=p["group_size"],
+            prompts_per_step=p["prompts_per_step"],
+            steps=p["steps"],
+            max_new_tokens=p["max_new_tokens"],
+            lr=p["lr"],
+            beta=p["kl_coef"],
+            temperature=p["temperature"],
+            seed=p["seed"],
+            callbacks=[Stamp()],
         )
         trainer.train()
     return {"stamps": stamps}
@@ -177,13 +201,21 @@ def launch(name: str, model_dir: str, problem: dict[str, Any], profile: str | No
     trainer = TRAINERS[name]["trainer"]
     with tempfile.TemporaryDirectory(prefix=f"proxim-bench-{trainer}-") as out:
         spec = {**TRAINERS[name], "model_dir": model_dir, "problem": problem, "out": out, "profile": profile}
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PROXIM_CACHE_DIR": out}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PROXIM_CACHE_DIR": out,
+        }
         res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env, check=False)
         if res.returncode != 0:
             raise RuntimeError(f"{trainer} run failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")][-1]
-        data = json.loads(line[len("RESULT "):])
+        data = json.loads(line[len("RESULT ") :])
     stamps = data["stamps"]
     if len(stamps) != problem["steps"]:
         raise RuntimeError(f"{trainer}: {len(stamps)} step stamps for {problem['steps']} steps")
@@ -253,11 +285,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="proxim-bench-model-") as model_dir:
         n_params = save_model(model_dir)
         for r in range(runs):
-            for trainer in names[r % len(names):] + names[: r % len(names)]:  # the order rotates from run to run
+            for trainer in names[r % len(names) :] + names[: r % len(names)]:  # the order rotates from run to run
                 data = launch(trainer, model_dir, problem)
                 results[trainer].append(data)
-                print(f"run {r + 1}/{runs} {trainer}: {data['cpu_sps']:.2f} steps/s (CPU time), {data['wall_sps']:.2f} (wall), "
-                      f"peak RSS {fmt_mib(data['maxrss'])}, threads {data['threads']}", flush=True)
+                print(
+                    f"run {r + 1}/{runs} {trainer}: {data['cpu_sps']:.2f} steps/s (CPU time), {data['wall_sps']:.2f} (wall), "
+                    f"peak RSS {fmt_mib(data['maxrss'])}, threads {data['threads']}",
+                    flush=True,
+                )
         profiles: dict[str, str] = {}
         if not args.no_profile:
             prof_dir = tempfile.mkdtemp(prefix="proxim-bench-prof-")
@@ -268,8 +303,16 @@ def main() -> None:
     med = {t: {k: statistics.median(d[k] for d in results[t]) for k in ("cpu_sps", "wall_sps", "maxrss")} for t in results}
     rows = []
     for t in TRAINERS:
-        rows.append([t, f"{med[t]['cpu_sps']:.2f}", f"{med[t]['wall_sps']:.2f}", fmt_mib(med[t]["maxrss"]),
-                     ", ".join(f"{d['cpu_sps']:.2f}" for d in results[t]), ", ".join(fmt_mib(d["maxrss"]) for d in results[t])])
+        rows.append(
+            [
+                t,
+                f"{med[t]['cpu_sps']:.2f}",
+                f"{med[t]['wall_sps']:.2f}",
+                fmt_mib(med[t]["maxrss"]),
+                ", ".join(f"{d['cpu_sps']:.2f}" for d in results[t]),
+                ", ".join(fmt_mib(d["maxrss"]) for d in results[t]),
+            ]
+        )
     speed = med["proxim"]["cpu_sps"] / med["TRL"]["cpu_sps"]
     speed_wall = med["proxim"]["wall_sps"] / med["TRL"]["wall_sps"]
     mem = med["proxim"]["maxrss"] / med["TRL"]["maxrss"]
@@ -280,17 +323,18 @@ def main() -> None:
     summary = [
         f"- proxim/TRL steps per second: {speed:.2f}x (CPU time), {speed_wall:.2f}x (wall); goal >= 1.5x {'met' if speed >= 1.5 else 'missed'}",
         f"- proxim/TRL peak RSS: {mem:.2f}x; goal <= 1.0x {'met' if mem <= 1.0 else 'missed'}",
-        f"- with `--old-logprobs sampler` (not the default): {speed_sampler:.2f}x TRL's steps per second (CPU time), "
-        f"{mem_sampler:.2f}x its peak RSS",
+        f"- with `--old-logprobs sampler` (not the default): {speed_sampler:.2f}x TRL's steps per second (CPU time), {mem_sampler:.2f}x its peak RSS",
     ]
     prof_text = []
     if profiles:
         ph = {t: phases(path) for t, path in profiles.items()}
         prof_rows = [[label, f"{ph['proxim'][label]:.2f} s", f"{ph['TRL'][label]:.2f} s"] for label, _, _ in PHASES]
         prof_rows.append(["steps 2..N (cProfile total)", f"{ph['proxim']['total']:.2f} s", f"{ph['TRL']['total']:.2f} s"])
-        prof_text = ["Cumulative time under cProfile, one profiled run each, from the end of step 1 to the end of the last step "
-                     "(profiling inflates Python-heavy code):", "",
-                     common.table(["phase", "proxim", "TRL"], prof_rows)]
+        prof_text = [
+            "Cumulative time under cProfile, one profiled run each, from the end of step 1 to the end of the last step (profiling inflates Python-heavy code):",
+            "",
+            common.table(["phase", "proxim", "TRL"], prof_rows),
+        ]
         for t, path in profiles.items():
             prof_text += ["", f"{t}, top functions by own time:", "", "```", top_lines(path), "```"]
     print()
@@ -301,33 +345,35 @@ def main() -> None:
         return
     peer = common._load_peer_module("trl_trainer")
     problem_lines = [f"`{k}` {v}" for k, v in problem.items()]
-    body = "\n".join([
-        f"One GRPO run per child process, {runs} runs per trainer alternating, medians. Model: proxim's built-in tiny "
-        f"Llama ({n_params / 1e6:.2f} M parameters, hidden 128, 2 layers, byte tokenizer of 259 symbols), saved once and "
-        "loaded from disk by both. Steps per second from the end of step 1 to the end of the last step; 'CPU time' is "
-        "the child's process CPU time (one thread; robust to the other tenants of this shared machine), 'wall' its wall "
-        "time. Peak RSS is the child's `ru_maxrss`: the whole process, imports included.",
-        "",
-        f"- command: `{common.command()}`",
-        f"- machine: {common.cpu_model()}; OMP_NUM_THREADS=1 and torch.set_num_threads(1) in both children",
-        f"- versions: {common.versions()}",
-        f"- date: {time.strftime('%Y-%m-%d')}",
-        f"- the problem (both): {', '.join(problem_lines)}; completions per step = prompts_per_step x group_size = "
-        f"{problem['prompts_per_step'] * problem['group_size']}; the reward is the task's exact match (TRL gets it as a "
-        "reward function reading the dataset's `answer` column); TRL's dataset is proxim's prompts of steps 1..N in order",
-        "- proxim settings: " + "; ".join(f"`{k}={v}` ({why})" for k, (v, why) in PROXIM_SETTINGS.items()),
-        "- TRL `GRPOConfig`: `per_device_train_batch_size` = completions per step, `num_generations` = group_size, "
-        "`max_completion_length` = max_new_tokens, `max_steps` = steps, `learning_rate` = lr, `beta` = kl_coef; "
-        + "; ".join(f"`{k}={v}` ({why})" for k, (v, why) in peer.SETTINGS.items()),
-        "",
-        tab,
-        "",
-        *summary,
-        "",
-        *prof_text,
-        "",
-        WHERE,
-    ])
+    body = "\n".join(
+        [
+            f"One GRPO run per child process, {runs} runs per trainer alternating, medians. Model: proxim's built-in tiny "
+            f"Llama ({n_params / 1e6:.2f} M parameters, hidden 128, 2 layers, byte tokenizer of 259 symbols), saved once and "
+            "loaded from disk by both. Steps per second from the end of step 1 to the end of the last step; 'CPU time' is "
+            "the child's process CPU time (one thread; robust to the other tenants of this shared machine), 'wall' its wall "
+            "time. Peak RSS is the child's `ru_maxrss`: the whole process, imports included.",
+            "",
+            f"- command: `{common.command()}`",
+            f"- machine: {common.cpu_model()}; OMP_NUM_THREADS=1 and torch.set_num_threads(1) in both children",
+            f"- versions: {common.versions()}",
+            f"- date: {time.strftime('%Y-%m-%d')}",
+            f"- the problem (both): {', '.join(problem_lines)}; completions per step = prompts_per_step x group_size = "
+            f"{problem['prompts_per_step'] * problem['group_size']}; the reward is the task's exact match (TRL gets it as a "
+            "reward function reading the dataset's `answer` column); TRL's dataset is proxim's prompts of steps 1..N in order",
+            "- proxim settings: " + "; ".join(f"`{k}={v}` ({why})" for k, (v, why) in PROXIM_SETTINGS.items()),
+            "- TRL `GRPOConfig`: `per_device_train_batch_size` = completions per step, `num_generations` = group_size, "
+            "`max_completion_length` = max_new_tokens, `max_steps` = steps, `learning_rate` = lr, `beta` = kl_coef; "
+            + "; ".join(f"`{k}={v}` ({why})" for k, (v, why) in peer.SETTINGS.items()),
+            "",
+            tab,
+            "",
+            *summary,
+            "",
+            *prof_text,
+            "",
+            WHERE,
+        ]
+    )
     common.write_section("train-cpu", "4. Training loop: proxim train vs TRL GRPOTrainer", body)
 
 

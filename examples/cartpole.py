@@ -163,18 +163,14 @@ def main(max_steps: int = 300_000, seed: int = 1, quiet: bool = False) -> Result
 def train(max_steps: int, seed: int, quiet: bool) -> Result:
     start = time.perf_counter()
     torch.manual_seed(seed)
-    envs = gym.make_vec(
-        "CartPole-v1", num_envs=NUM_ENVS, vectorization_mode="sync", vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
-    )
+    envs = gym.make_vec("CartPole-v1", num_envs=NUM_ENVS, vectorization_mode="sync", vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP})
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs)
     obs = torch.as_tensor(envs.reset(seed=seed)[0], dtype=torch.float32)
     actor, critic = mlp(2, 0.01), mlp(1, 1.0)
     optimizer = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=2.5e-4, eps=1e-5)
     iterations = max_steps // (NUM_ENVS * NUM_STEPS)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / iterations)
-    objective = proxim.objective(
-        "ppo", kl_coef=0.0, gamma=GAMMA, lam=LAM, entropy_coef=0.01, value_coef=0.5, value_clip=0.2, eps_low=0.2
-    )
+    objective = proxim.objective("ppo", kl_coef=0.0, gamma=GAMMA, lam=LAM, entropy_coef=0.01, value_coef=0.5, value_clip=0.2, eps_low=0.2)
     returns: deque = deque(maxlen=20)
     recent, steps = 0.0, 0
     for iteration in range(iterations):

@@ -34,8 +34,9 @@ class _Accelerator:
         return x
 
 
-def grpo_loss(loss_type: str, *, output_dir: str, use_cpu: bool, max_completion_length: int,
-              **config: Any) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+def grpo_loss(
+    loss_type: str, *, output_dir: str, use_cpu: bool, max_completion_length: int, **config: Any
+) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
     """``loss(logprobs, inputs)`` running TRL's own ``GRPOTrainer._compute_loss``.
 
     The trainer is made without ``__init__`` and the attributes the method reads are set from a real
@@ -47,8 +48,9 @@ def grpo_loss(loss_type: str, *, output_dir: str, use_cpu: bool, max_completion_
     """
     from trl import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(output_dir=output_dir, bf16=False, report_to="none", use_cpu=use_cpu, loss_type=loss_type,
-                      max_completion_length=max_completion_length, **config)
+    args = GRPOConfig(
+        output_dir=output_dir, bf16=False, report_to="none", use_cpu=use_cpu, loss_type=loss_type, max_completion_length=max_completion_length, **config
+    )
     trainer = GRPOTrainer.__new__(GRPOTrainer)
     trainer.args = args
     trainer.loss_type = args.loss_type
@@ -81,8 +83,9 @@ def grpo_loss(loss_type: str, *, output_dir: str, use_cpu: bool, max_completion_
     return loss
 
 
-def grpo_inputs(mask: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None = None,
-                num_items_in_batch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def grpo_inputs(
+    mask: torch.Tensor, advantages: torch.Tensor, old: torch.Tensor, ref: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The batch dict ``_compute_loss`` reads, on `mask`'s device: a one-token dummy prompt, dummy completion
     ids, `mask` as the completion mask, per-sequence `advantages` [B], `old` (and `ref`) per-token log-probs
     [B, T]; ``num_items_in_batch`` defaults to the number of unmasked tokens."""

@@ -96,5 +96,6 @@ def grpo_trainer(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-    return GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(list(prompts)),
-                       processing_class=tokenizer, callbacks=list(callbacks))
+    return GRPOTrainer(
+        model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(list(prompts)), processing_class=tokenizer, callbacks=list(callbacks)
+    )

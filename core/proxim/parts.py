@@ -221,7 +221,7 @@ def check_part_class(obj: object, kind: str, plugin: str) -> type[Part]:
     _check_signature(obj, kind, plugin)
     try:
         obj()
-    except Exception as exc:  # noqa: BLE001 - any failure here is the plugin's, reported as such
+    except Exception as exc:
         raise PluginError(f"{where} {kind} {obj.name!r}, but {obj.__qualname__}() with default hyperparameters raised {exc!r}.") from exc
     return obj
 
@@ -249,15 +249,13 @@ def _check_identity(cls: type[Part], kind: str, plugin: str) -> None:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):
         raise PluginError(
-            f"plugin {plugin!r}: {kind} class {cls.__qualname__} needs a class attribute `name`, "
-            f"a lower_snake_case string such as 'my_{kind}'; got {name!r}."
+            f"plugin {plugin!r}: {kind} class {cls.__qualname__} needs a class attribute `name`, a lower_snake_case string such as 'my_{kind}'; got {name!r}."
         )
     requires = cls.requires
     if not isinstance(requires, frozenset) or not requires <= set(OPTIONAL_FIELDS):
         unknown = sorted(set(requires) - set(OPTIONAL_FIELDS)) if isinstance(requires, (set, frozenset)) else requires
         raise PluginError(
-            f"plugin {plugin!r}: {kind} {name!r} requires unknown Rollout fields {unknown}; "
-            f"`requires` must be a frozenset drawn from {list(OPTIONAL_FIELDS)}."
+            f"plugin {plugin!r}: {kind} {name!r} requires unknown Rollout fields {unknown}; `requires` must be a frozenset drawn from {list(OPTIONAL_FIELDS)}."
         )
 
 
@@ -268,8 +266,7 @@ def _check_signature(cls: type[Part], kind: str, plugin: str) -> None:
     except TypeError:
         got = inspect.signature(cls.__call__)
         raise PluginError(
-            f"plugin {plugin!r}: {kind} {cls.name!r} must define __call__({expected}); "
-            f"{cls.__qualname__}.__call__ has signature {got}."
+            f"plugin {plugin!r}: {kind} {cls.name!r} must define __call__({expected}); {cls.__qualname__}.__call__ has signature {got}."
         ) from None
     if cls.__call__ is PART_KINDS[kind].__call__:
         raise PluginError(f"plugin {plugin!r}: {kind} {cls.name!r} does not implement __call__({expected}).")

@@ -77,9 +77,7 @@ class Registry:
         table = self.entries[kind]
         if name not in table:
             known = sorted(table)
-            raise UnknownNameError(
-                f"no {kind} named {name!r}.{suggest(name, known)} Registered {kind}s: {', '.join(known) or '(none)'}."
-            )
+            raise UnknownNameError(f"no {kind} named {name!r}.{suggest(name, known)} Registered {kind}s: {', '.join(known) or '(none)'}.")
         return table[name][0]
 
     def info(self, kind: str, name: str) -> PartInfo:
@@ -210,7 +208,7 @@ def build_registry(
 def _load(ep: EntryPoint, dist: str, version: str) -> object:
     try:
         return ep.load()
-    except Exception as exc:  # noqa: BLE001 - re-raised with the plugin named, cause chained
+    except Exception as exc:
         raise PluginError(
             f"plugin {ep.name!r} (entry point {ep.name} = {ep.value!r} in group {GROUP!r}, distribution "
             f"{dist} {version}) failed to import: {type(exc).__name__}: {exc}. Fix or uninstall that "

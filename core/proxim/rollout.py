@@ -113,8 +113,7 @@ class Rollout:
             raise BatchError(f"Rollout.rewards must be a torch.Tensor, got {type(r).__name__}; wrap it with torch.tensor(...).")
         if r.shape not in (old.shape[:1], old.shape):
             raise BatchError(
-                f"Rollout.rewards has {_describe(r)}; expected [B] = {tuple(old.shape[:1])} sequence rewards "
-                f"or [B, T] = {tuple(old.shape)} token rewards."
+                f"Rollout.rewards has {_describe(r)}; expected [B] = {tuple(old.shape[:1])} sequence rewards or [B, T] = {tuple(old.shape)} token rewards."
             )
         if not r.is_floating_point():
             raise BatchError(f"Rollout.rewards must be floating point, got dtype {r.dtype}; convert with .float().")

@@ -32,9 +32,7 @@ def construct(cls: type[_P], kind: str, kwargs: Mapping[str, object]) -> _P:
         raise ConfigurationError(f"{kind} {cls.name!r}: {error_message(exc)}") from exc
 
 
-def route(
-    parts: Mapping[str, Part], options: Mapping[str, object], overrides: Mapping[str, object], origin: str
-) -> tuple[dict[str, Part], dict[str, object]]:
+def route(parts: Mapping[str, Part], options: Mapping[str, object], overrides: Mapping[str, object], origin: str) -> tuple[dict[str, Part], dict[str, object]]:
     """Send each override to the part (or the options) with that field; return updated parts and options.
 
     origin: where the overrides come from (``"override"``, ``"preset 'grpo'"``), for the error messages.

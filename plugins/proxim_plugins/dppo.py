@@ -47,7 +47,9 @@ class DivergenceMask(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "divergence_mask"
-    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"})
+    properties: ClassVar[frozenset[str]] = frozenset(
+        {"pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"}
+    )
 
     divergence: str = attrs.field(default="tv", validator=choice(("tv", "kl")))
     delta_low: float | None = attrs.field(default=None, validator=optional(gt(0.0)))

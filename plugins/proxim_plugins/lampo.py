@@ -36,7 +36,9 @@ class Pairwise(proxim.Advantage):
     """
 
     name: ClassVar[str] = "pairwise"
-    properties: ClassVar[frozenset[str]] = frozenset({"group_independent", "permutation_equivariant", "shift_invariant", "zero_sum_per_group", "degenerate_groups_zero", "outcome_broadcast"})
+    properties: ClassVar[frozenset[str]] = frozenset(
+        {"group_independent", "permutation_equivariant", "shift_invariant", "zero_sum_per_group", "degenerate_groups_zero", "outcome_broadcast"}
+    )
     requires: ClassVar[frozenset[str]] = frozenset({"group"})
     accepts_state_values: ClassVar[bool] = False
 

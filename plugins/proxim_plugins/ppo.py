@@ -146,7 +146,9 @@ class Clip(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "clip"
-    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"})
+    properties: ClassVar[frozenset[str]] = frozenset(
+        {"pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"}
+    )
 
     eps_low: float = attrs.field(default=0.2, validator=between(0.0, 1.0, high_open=True))
     eps_high: float | None = attrs.field(default=None, validator=optional(ge(0.0)))

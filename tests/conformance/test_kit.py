@@ -30,8 +30,17 @@ def test_ids_name_kind_part_changed_settings_and_check() -> None:
 
 def test_checks_for_a_part_are_the_universal_ones_then_its_properties() -> None:
     names = [c.name for c in checks_for(Clip)]
-    universal = ["properties_known", "shape_dtype_device", "finite_outputs", "fully_masked_rows", "masked_positions_ignored", "rows_independent", "inputs_not_mutated", "deterministic"]
-    assert names == universal + ["pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"]
+    universal = [
+        "properties_known",
+        "shape_dtype_device",
+        "finite_outputs",
+        "fully_masked_rows",
+        "masked_positions_ignored",
+        "rows_independent",
+        "inputs_not_mutated",
+        "deterministic",
+    ]
+    assert names == [*universal, "pg_at_anchor", "value_at_anchor", "zero_grad_clipped_side", "positively_homogeneous", "tokens_independent"]
     assert "bounded_weight" in [c.name for c in checks_for(Clip(dual_clip=3.0))], "declared_properties() depends on hyperparameters"
     assert all(PROPERTIES[p].kinds for p in PROPERTIES) and set(PROPERTIES) < set(CHECKS)
 
@@ -61,7 +70,7 @@ def test_a_misspelt_or_misplaced_property_is_reported() -> None:
         CHECKS["properties_known"](Typo2)
 
 
-INNER_TEST = '''
+INNER_TEST = """
 from typing import ClassVar
 
 import attrs
@@ -87,7 +96,7 @@ class Sloppy(proxim.TrustRegion):
 )
 def test_kit(part, check):
     check(part)
-'''
+"""
 
 
 def test_expected_failures_are_strict_xfails(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,7 +139,10 @@ def test_strategies_reach_the_hard_cases() -> None:
     ragged = find(stage_one_cases({"group"}), lambda c: 1 in sizes(c) and max(sizes(c)) >= 3, settings=cfg)
     assert len(set(ragged.batch.group.tolist())) == len(sizes(ragged))
     degenerate = find(stage_one_cases(degenerate=True, token_rewards=False), lambda c: len(sizes(c)) > 1, settings=cfg)
-    assert any(bool((degenerate.batch.rewards[degenerate.slots == g] == degenerate.batch.rewards[degenerate.slots == g][0]).all()) for g in range(len(sizes(degenerate))))
+    assert any(
+        bool((degenerate.batch.rewards[degenerate.slots == g] == degenerate.batch.rewards[degenerate.slots == g][0]).all())
+        for g in range(len(sizes(degenerate)))
+    )
     assert find(rollouts(), lambda b: b.old_logprobs.dtype == torch.float32, settings=cfg) is not None
     assert find(rollouts(min_tokens=0, empty_row=True), lambda b: not bool(b.mask.any(dim=1).all()), settings=cfg) is not None
     extreme = find(region_inputs(), lambda x: bool(((x.logprobs - x.anchor).abs() > 20).any()), settings=cfg)

@@ -98,14 +98,19 @@ def test_replacing_a_presets_part_drops_only_that_axis_settings() -> None:
 
 
 def test_unknown_override_lists_fields_and_suggests() -> None:
-    with pytest.raises(proxim.UnknownNameError, match=r"override 'eps_hihg' matches no hyperparameter of this objective\. Did you mean 'eps_high'\?.*region 'clip': eps_low, eps_high, dual_clip"):
+    with pytest.raises(
+        proxim.UnknownNameError,
+        match=r"override 'eps_hihg' matches no hyperparameter of this objective\. Did you mean 'eps_high'\?.*region 'clip': eps_low, eps_high, dual_clip",
+    ):
         proxim.objective("grpo", eps_hihg=0.3)
     with pytest.raises(proxim.UnknownNameError, match=r"region 'clip' has no hyperparameter 'delta'"):
         proxim.objective("grpo", **{"region.delta": 0.1})
 
 
 def test_ambiguous_override_names_the_candidates() -> None:
-    with pytest.raises(proxim.ConfigurationError, match=r"override 'eps' is ambiguous: baseline and advantage all have it; write one of 'baseline\.eps', 'advantage\.eps'"):
+    with pytest.raises(
+        proxim.ConfigurationError, match=r"override 'eps' is ambiguous: baseline and advantage all have it; write one of 'baseline\.eps', 'advantage\.eps'"
+    ):
         proxim.objective(baseline=EpsBaseline(), advantage="group_normalized", eps=0.1)
     obj = proxim.objective(baseline=EpsBaseline(), advantage="group_normalized", **{"advantage.eps": 0.1})
     assert (obj.baseline.eps, obj.advantage.eps) == (0.0, 0.1)
@@ -121,9 +126,14 @@ def test_out_of_range_values_name_the_part() -> None:
 
 
 def test_impossible_combinations_fail_at_build() -> None:
-    with pytest.raises(proxim.ConfigurationError, match=r"advantage 'gae' bootstraps from state values V\(s_t\), which baseline 'group_mean' does not provide; use baseline='critic'"):
+    with pytest.raises(
+        proxim.ConfigurationError,
+        match=r"advantage 'gae' bootstraps from state values V\(s_t\), which baseline 'group_mean' does not provide; use baseline='critic'",
+    ):
         proxim.objective(baseline="group_mean", advantage="gae")
-    with pytest.raises(proxim.ConfigurationError, match=r"advantage 'group_normalized' compares sequence rewards.*baseline 'critic' gives per-token state values"):
+    with pytest.raises(
+        proxim.ConfigurationError, match=r"advantage 'group_normalized' compares sequence rewards.*baseline 'critic' gives per-token state values"
+    ):
         proxim.objective(baseline="critic", advantage="group_normalized")
     with pytest.raises(proxim.ConfigurationError, match=r"name a preset or an advantage"):
         proxim.objective(region="clip")

@@ -37,9 +37,7 @@ def batch() -> tuple[proxim.Rollout, torch.Tensor]:
     """Two groups of two, a padded token in rows 0 and 2; current log-probs off the anchor."""
     old = torch.tensor([[-1.0, -2.0, 0.0], [-0.3, -0.7, -0.9], [-1.5, 0.0, 0.0], [-0.9, -1.1, -1.3]], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.bool)
-    rollout = proxim.Rollout(
-        old_logprobs=old, mask=mask, rewards=torch.tensor([1.0, 0.0, 3.0, 1.0], dtype=torch.float64), group=torch.tensor([5, 5, 9, 9])
-    )
+    rollout = proxim.Rollout(old_logprobs=old, mask=mask, rewards=torch.tensor([1.0, 0.0, 3.0, 1.0], dtype=torch.float64), group=torch.tensor([5, 5, 9, 9]))
     return rollout, torch.where(mask, old + 0.1, 0.0)
 
 

@@ -103,9 +103,7 @@ def test_masked_stats_match_a_loop(data: tuple[torch.Tensor, torch.Tensor]) -> N
     rows = [sum(float(v) for v, m in zip(xr, mr) if m) for xr, mr in zip(x.tolist(), mask.tolist())]
     counts = [sum(mr) for mr in mask.tolist()]
     torch.testing.assert_close(ops.masked_sum(x, mask, dim=1), torch.tensor(rows, dtype=F64), **TOL)
-    torch.testing.assert_close(
-        ops.masked_mean(x, mask, dim=1), torch.tensor([s / c if c else 0.0 for s, c in zip(rows, counts)], dtype=F64), **TOL
-    )
+    torch.testing.assert_close(ops.masked_mean(x, mask, dim=1), torch.tensor([s / c if c else 0.0 for s, c in zip(rows, counts)], dtype=F64), **TOL)
     white = ops.masked_whiten(x, mask, eps=1e-8)
     expected = [[(v - mean) / math.sqrt(var_b + 1e-8) if m else 0.0 for v, m in zip(xr, mr)] for xr, mr in zip(x.tolist(), mask.tolist())]
     torch.testing.assert_close(white, torch.tensor(expected, dtype=F64), atol=1e-9, rtol=1e-9)

@@ -104,8 +104,12 @@ def make(seed: int = 0, b: int = 6, t: int = 9, dtype: torch.dtype = torch.float
     def near(scale: float) -> torch.Tensor:
         return -(old + scale * torch.randn(b, t, generator=g, dtype=torch.float64)).abs()
 
-    fields = {"old_logprobs": clean(old), "ref_logprobs": clean(near(0.3)), "rollout_logprobs": clean(near(0.05)),
-              "values": clean(torch.randn(b, t, generator=g, dtype=torch.float64))}
+    fields = {
+        "old_logprobs": clean(old),
+        "ref_logprobs": clean(near(0.3)),
+        "rollout_logprobs": clean(near(0.05)),
+        "values": clean(torch.randn(b, t, generator=g, dtype=torch.float64)),
+    }
     batch = proxim.Rollout(mask=mask, rewards=torch.randn(b, generator=g, dtype=torch.float64).to(dtype), group=torch.arange(b) // 2, **fields)
     lp = clean(near(0.3))
     values = clean(torch.randn(b, t, generator=g, dtype=torch.float64))
@@ -187,6 +191,13 @@ def test_derived_constants_follow_in_place_changes_and_are_not_shared_by_slices(
     with torch.no_grad():
         batch.mask.copy_(changed)
         batch.old_logprobs.mul_(1.5)
-    fresh = proxim.Rollout(old_logprobs=batch.old_logprobs.clone(), mask=changed, rewards=batch.rewards, group=batch.group,
-                           ref_logprobs=batch.ref_logprobs, values=batch.values, rollout_logprobs=batch.rollout_logprobs)
+    fresh = proxim.Rollout(
+        old_logprobs=batch.old_logprobs.clone(),
+        mask=changed,
+        rewards=batch.rewards,
+        group=batch.group,
+        ref_logprobs=batch.ref_logprobs,
+        values=batch.values,
+        rollout_logprobs=batch.rollout_logprobs,
+    )
     assert torch.equal(obj.loss(lp, batch, est).loss, obj.loss(lp, fresh, est).loss)

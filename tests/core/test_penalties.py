@@ -114,7 +114,6 @@ def tiny_batch(ref_shift: tuple[float, float] = (0.5, -0.2)) -> proxim.Rollout:
     return proxim.Rollout(old_logprobs=old, mask=mask, rewards=torch.tensor([1.0], dtype=F64), ref_logprobs=ref)
 
 
-
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_kl_in_the_loss_by_hand(estimator: str) -> None:
     # Region none at the anchor (lp = old), A = (1, -2), token mean over 2 tokens, beta 0.1, d = lp - ref = (0.5, -0.2):
@@ -314,9 +313,7 @@ def test_value_term_in_the_objective_by_hand() -> None:
     # total = 0 + value_coef 0.1 * 0.2 = 0.02; d total / d V = 0.1 * (0, 0.4)/2 = (0, 0.02).
     old = torch.tensor([[-1.0, -2.0, -1.0]], dtype=F64)
     mask = torch.tensor([[True, True, False]])
-    batch = proxim.Rollout(
-        old_logprobs=old, mask=mask, rewards=torch.tensor([1.0], dtype=F64), values=torch.tensor([[1.0, 2.0, NAN]], dtype=F64)
-    )
+    batch = proxim.Rollout(old_logprobs=old, mask=mask, rewards=torch.tensor([1.0], dtype=F64), values=torch.tensor([[1.0, 2.0, NAN]], dtype=F64))
     obj = proxim.objective("ppo", kl_coef=0.0)
     assert (obj.options.value_coef, obj.options.value_clip) == (0.1, 0.2)
     est = proxim.Estimate(advantages=torch.tensor([[1.0, -1.0, 0.0]], dtype=F64), returns=torch.tensor([[2.0, 2.1, 0.0]], dtype=F64))

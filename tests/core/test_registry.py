@@ -131,7 +131,10 @@ def test_two_plugins_claiming_one_name_fail_naming_both(site: Path) -> None:
 
 def test_plugin_that_fails_to_import_names_entry_point_and_distribution(site: Path) -> None:
     fakedist.install(site, "proxim-broken", "9.9", {"broken": "import not_a_module_anywhere\n"})
-    with pytest.raises(proxim.PluginError, match=r"plugin 'broken' \(entry point broken = 'fake_broken_\d+'.*distribution proxim-broken 9\.9\) failed to import: ModuleNotFoundError") as info:
+    with pytest.raises(
+        proxim.PluginError,
+        match=r"plugin 'broken' \(entry point broken = 'fake_broken_\d+'.*distribution proxim-broken 9\.9\) failed to import: ModuleNotFoundError",
+    ) as info:
         build_registry()
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
 

@@ -18,8 +18,12 @@ class Batch(SimpleNamespace):
 
     def rollout(self, rewards: torch.Tensor | None = None, **extra: Any) -> proxim.Rollout:
         return proxim.Rollout(
-            old_logprobs=self.old, mask=self.mask, rewards=self.rewards if rewards is None else rewards,
-            group=self.group, ref_logprobs=self.ref, **extra,
+            old_logprobs=self.old,
+            mask=self.mask,
+            rewards=self.rewards if rewards is None else rewards,
+            group=self.group,
+            ref_logprobs=self.ref,
+            **extra,
         )
 
     def leaf(self) -> torch.Tensor:
@@ -27,8 +31,9 @@ class Batch(SimpleNamespace):
         return self.logp.clone().requires_grad_(True)
 
 
-def make_batch(seed: int = 0, sizes: tuple[int, ...] = (4, 3, 5, 4), t: int = 11, spread: float = 0.35,
-               empty_row: bool = False, token_advantages: bool = True) -> Batch:
+def make_batch(
+    seed: int = 0, sizes: tuple[int, ...] = (4, 3, 5, 4), t: int = 11, spread: float = 0.35, empty_row: bool = False, token_advantages: bool = True
+) -> Batch:
     """A batch with right padding and a few masked positions inside rows (multi-turn observation tokens)."""
     g = torch.Generator().manual_seed(seed)
     b = sum(sizes)
@@ -52,7 +57,6 @@ def make_batch(seed: int = 0, sizes: tuple[int, ...] = (4, 3, 5, 4), t: int = 11
     adv = torch.where(mask, adv, torch.zeros((), dtype=torch.float64))
     values = torch.randn(b, t, generator=g, dtype=torch.float64)
     return Batch(old=old, logp=logp, ref=ref, mask=mask, group=group, rewards=rewards, adv=adv, values=values)
-
 
 
 def grad(loss: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:

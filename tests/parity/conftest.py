@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import torch
 
-
 VERL_MISSING = "verl 0.9.x is not installed: parity tests run in the peer environment (docs/parity.md)"
 TRL_MISSING = "trl 1.16.x is not installed: parity tests run in the peer environment (docs/parity.md)"
+
 
 def _import(name: str, reason: str) -> Any:
     try:
@@ -51,14 +51,26 @@ def core_algos() -> Any:
 def actor_config(core_algos: Any) -> Callable[..., Any]:
     from verl.workers.config.actor import ActorConfig, PolicyLossConfig
 
-    def make(loss_mode: str = "vanilla", clip_ratio: float = 0.2, clip_ratio_low: float | None = None,
-             clip_ratio_high: float | None = None, clip_ratio_c: float = 3.0, loss_agg_mode: str = "token-mean",
-             **extra: Any) -> Any:
+    def make(
+        loss_mode: str = "vanilla",
+        clip_ratio: float = 0.2,
+        clip_ratio_low: float | None = None,
+        clip_ratio_high: float | None = None,
+        clip_ratio_c: float = 3.0,
+        loss_agg_mode: str = "token-mean",
+        **extra: Any,
+    ) -> Any:
         return ActorConfig(
-            strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1,
-            clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
-            clip_ratio_c=clip_ratio_c, loss_agg_mode=loss_agg_mode,
-            policy_loss=PolicyLossConfig(loss_mode=loss_mode), **extra,
+            strategy="fsdp",
+            rollout_n=1,
+            ppo_micro_batch_size_per_gpu=1,
+            clip_ratio=clip_ratio,
+            clip_ratio_low=clip_ratio_low,
+            clip_ratio_high=clip_ratio_high,
+            clip_ratio_c=clip_ratio_c,
+            loss_agg_mode=loss_agg_mode,
+            policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+            **extra,
         )
 
     return make
@@ -91,15 +103,35 @@ def trl_loss() -> Callable[..., torch.Tensor]:
 
     outdir = tempfile.mkdtemp(prefix="proxim-parity-")
 
-    def run(loss_type: str, logprobs: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-            ref: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2, epsilon_high: float | None = None,
-            use_bias_correction_kl: bool = False, max_completion_length: int | None = None,
-            importance_sampling_level: str = "token", num_items_in_batch: torch.Tensor | None = None,
-            delta: float | None = None, **config: Any) -> torch.Tensor:
+    def run(
+        loss_type: str,
+        logprobs: torch.Tensor,
+        old: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        ref: torch.Tensor | None = None,
+        beta: float = 0.0,
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        use_bias_correction_kl: bool = False,
+        max_completion_length: int | None = None,
+        importance_sampling_level: str = "token",
+        num_items_in_batch: torch.Tensor | None = None,
+        delta: float | None = None,
+        **config: Any,
+    ) -> torch.Tensor:
         loss = harness.grpo_loss(
-            loss_type, output_dir=outdir, use_cpu=True, max_completion_length=max_completion_length or mask.shape[1],
-            beta=beta, epsilon=epsilon, epsilon_high=epsilon_high, use_bias_correction_kl=use_bias_correction_kl,
-            importance_sampling_level=importance_sampling_level, delta=delta, **config,
+            loss_type,
+            output_dir=outdir,
+            use_cpu=True,
+            max_completion_length=max_completion_length or mask.shape[1],
+            beta=beta,
+            epsilon=epsilon,
+            epsilon_high=epsilon_high,
+            use_bias_correction_kl=use_bias_correction_kl,
+            importance_sampling_level=importance_sampling_level,
+            delta=delta,
+            **config,
         )
         return loss(logprobs, harness.grpo_inputs(mask, advantages, old, ref=ref, num_items_in_batch=num_items_in_batch))
 

@@ -44,8 +44,12 @@ def test_sapo_equals_verl(core_algos: Any, actor_config: Any, sapo_region: Any, 
     ours_leaf, theirs_leaf = batch.leaf(), batch.leaf()
     ours = proxim_loss(batch, ours_leaf, name, aggregation=agg, **overrides)
     theirs, _ = core_algos.get_policy_loss_fn("sapo")(
-        old_log_prob=batch.old, log_prob=theirs_leaf, advantages=batch.adv, response_mask=batch.mask.double(),
-        loss_agg_mode=VERL_AGG[agg], config=cfg,
+        old_log_prob=batch.old,
+        log_prob=theirs_leaf,
+        advantages=batch.adv,
+        response_mask=batch.mask.double(),
+        loss_agg_mode=VERL_AGG[agg],
+        config=cfg,
     )
     assert_close(ours.loss, theirs, "loss")
     assert_close(grad(ours.loss, ours_leaf), grad(theirs, theirs_leaf), "gradient")

@@ -35,10 +35,12 @@ def test_loss_types_equal_trl(trl_loss: Any, loss_type: str, beta: float, eps_hi
     batch = make_batch(seed, spread=0.5)
     seq_adv, token_adv = sequence_advantages(batch)
     ours_leaf, theirs_leaf = batch.leaf(), batch.leaf()
-    ours = proxim_loss(batch, ours_leaf, "clip", adv=token_adv, eps_low=0.2, eps_high=eps_high, aggregation=LOSS_TYPES[loss_type],
-                       kl_coef=beta, kl_estimator="k3")
-    theirs = trl_loss(loss_type, theirs_leaf, batch.old, seq_adv, batch.mask, ref=batch.ref, beta=beta, epsilon=0.2,
-                      epsilon_high=eps_high, use_bias_correction_kl=False)
+    ours = proxim_loss(
+        batch, ours_leaf, "clip", adv=token_adv, eps_low=0.2, eps_high=eps_high, aggregation=LOSS_TYPES[loss_type], kl_coef=beta, kl_estimator="k3"
+    )
+    theirs = trl_loss(
+        loss_type, theirs_leaf, batch.old, seq_adv, batch.mask, ref=batch.ref, beta=beta, epsilon=0.2, epsilon_high=eps_high, use_bias_correction_kl=False
+    )
     assert_close(ours.loss, theirs, "loss")
     assert_close(grad(ours.loss, ours_leaf), grad(theirs, theirs_leaf), "gradient")
 

@@ -20,11 +20,17 @@ AGGREGATIONS = tuple(VERL_AGG)
 SEEDS = (0, 1, 2)
 
 
-def verl_policy(core_algos: Any, mode: str, batch: Any, leaf: torch.Tensor, agg: str, config: Any, adv: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def verl_policy(
+    core_algos: Any, mode: str, batch: Any, leaf: torch.Tensor, agg: str, config: Any, adv: torch.Tensor | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     fn = core_algos.get_policy_loss_fn(mode)
     return fn(
-        old_log_prob=batch.old, log_prob=leaf, advantages=batch.adv if adv is None else adv,
-        response_mask=batch.mask.to(batch.old.dtype), loss_agg_mode=VERL_AGG[agg], config=config,
+        old_log_prob=batch.old,
+        log_prob=leaf,
+        advantages=batch.adv if adv is None else adv,
+        response_mask=batch.mask.to(batch.old.dtype),
+        loss_agg_mode=VERL_AGG[agg],
+        config=config,
     )
 
 
@@ -94,8 +100,9 @@ def test_dppo_masks_and_gradient_equal_verl(core_algos: Any, actor_config: Any, 
     low, high = deltas
     cap = 3.0
     cfg = actor_config(f"dppo_{divergence}", clip_ratio=low, clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=cap, loss_agg_mode=VERL_AGG[agg])
-    obj = proxim.objective(advantage="group_normalized", region="divergence_mask", divergence=divergence, delta_low=low,
-                           delta_high=high, is_cap=cap, aggregation=agg, kl_coef=0.0)
+    obj = proxim.objective(
+        advantage="group_normalized", region="divergence_mask", divergence=divergence, delta_low=low, delta_high=high, is_cap=cap, aggregation=agg, kl_coef=0.0
+    )
     ours_leaf, theirs_leaf = batch.leaf(), batch.leaf()
     ours = obj.loss(ours_leaf, batch.rollout(), proxim.Estimate(advantages=batch.adv))
     theirs, metrics = verl_policy(core_algos, f"dppo_{divergence}", batch, theirs_leaf, agg, cfg)
@@ -295,8 +302,12 @@ def test_clipped_value_loss_equals_verl(core_algos: Any, clip: float | None, agg
     ours_values, theirs_values = current.clone().requires_grad_(True), current.clone().requires_grad_(True)
     out = obj.loss(batch.logp, batch.rollout(values=old_values), proxim.Estimate(advantages=batch.adv, returns=returns), values=ours_values)
     peer, _ = core_algos.compute_value_loss(
-        vpreds=theirs_values, returns=returns, values=old_values, response_mask=batch.mask.double(),
-        cliprange_value=1e12 if clip is None else clip, loss_agg_mode=VERL_AGG[agg],
+        vpreds=theirs_values,
+        returns=returns,
+        values=old_values,
+        response_mask=batch.mask.double(),
+        cliprange_value=1e12 if clip is None else clip,
+        loss_agg_mode=VERL_AGG[agg],
     )
     assert_close(out.metrics["loss/value"], peer.detach(), "value loss")
     assert_close(grad(out.loss, ours_values), value_coef * grad(peer, theirs_values), "gradient in the values")

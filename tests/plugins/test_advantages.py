@@ -15,13 +15,12 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 
 import proxim
 from proxim_plugins.grpo import GroupMeanBaseline, GroupNormalized
 from proxim_plugins.ppo import NoBaseline
 from proxim_plugins.reinforce_pp import ReturnToGo, Whitened
-
-from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
@@ -130,9 +129,7 @@ def test_group_normalized_by_hand() -> None:
     torch.testing.assert_close(DR_GRPO.advantages(batch).advantages, tokens([2 / 3, -1.5, -1 / 3, 0.0, 1.5, -1 / 3], MASK6), **TOL)
     # Batch std of the centred rewards (mean 0): squares 4/9 + 1/9 + 1/9 + 2.25 + 2.25 + 0 = 31/6, Bessel /5: var 31/30.
     sb = math.sqrt(31 / 30)
-    torch.testing.assert_close(
-        BATCH_STD.advantages(batch).advantages, tokens([c / (sb + eps) for c in [2 / 3, -1.5, -1 / 3, 0.0, 1.5, -1 / 3]], MASK6), **TOL
-    )
+    torch.testing.assert_close(BATCH_STD.advantages(batch).advantages, tokens([c / (sb + eps) for c in [2 / 3, -1.5, -1 / 3, 0.0, 1.5, -1 / 3]], MASK6), **TOL)
 
 
 def test_group_normalized_called_directly_matches_the_objective() -> None:
@@ -282,7 +279,7 @@ def test_permutation_equivariance(name: str, batch: proxim.Rollout, data: st.Dat
     moved = make(batch.rewards[perm], batch.group[perm].tolist(), batch.mask[perm], old_logprobs=batch.old_logprobs[perm])
     torch.testing.assert_close(obj.advantages(moved).advantages, est[perm], atol=1e-12, rtol=1e-12)
     ids = sorted(set(batch.group.tolist()))
-    new_ids = data.draw(st.lists(st.integers(-10**6, 10**6), min_size=len(ids), max_size=len(ids), unique=True), label="ids")
+    new_ids = data.draw(st.lists(st.integers(-(10**6), 10**6), min_size=len(ids), max_size=len(ids), unique=True), label="ids")
     relabel = dict(zip(ids, new_ids))
     renamed = batch.replace(group=torch.tensor([relabel[gid] for gid in batch.group.tolist()]))
     torch.testing.assert_close(obj.advantages(renamed).advantages, est, atol=1e-12, rtol=1e-12)
@@ -361,7 +358,10 @@ def test_return_to_go_and_whitened_match_a_loop(gamma: float, batch: proxim.Roll
     with_b = proxim.objective(baseline="group_mean", advantage="return_to_go", region="none", gamma=gamma)
     torch.testing.assert_close(with_b.advantages(batch).advantages, torch.tensor(centred, dtype=F64), atol=1e-11, rtol=0.0)
     # Whitened: (x - mean) / sqrt(var + eps) with mean and Bessel var over all valid tokens of the batch.
-    for obj, x in ((proxim.objective(advantage="whitened", region="none", gamma=gamma), returns), (proxim.objective(baseline="group_mean", advantage="whitened", region="none", gamma=gamma), centred)):
+    for obj, x in (
+        (proxim.objective(advantage="whitened", region="none", gamma=gamma), returns),
+        (proxim.objective(baseline="group_mean", advantage="whitened", region="none", gamma=gamma), centred),
+    ):
         vals = [x[i][t] for i in range(batch.batch_size) for t in range(mask.shape[1]) if mask[i, t]]
         n = len(vals)
         mean = sum(vals) / n if n else 0.0
@@ -600,13 +600,18 @@ def test_non_finite_rewards_are_rejected(bad: float) -> None:
 def test_float_group_ids_are_rejected() -> None:
     with pytest.raises(proxim.BatchError, match=r"Rollout\.group must hold integer prompt ids, got dtype torch\.float64; convert with \.long\(\)"):
         proxim.Rollout(
-            old_logprobs=-torch.ones(2, 2, dtype=F64), mask=torch.ones(2, 2, dtype=torch.bool), rewards=torch.ones(2, dtype=F64), group=torch.tensor([0.0, 1.0], dtype=F64)
+            old_logprobs=-torch.ones(2, 2, dtype=F64),
+            mask=torch.ones(2, 2, dtype=torch.bool),
+            rewards=torch.ones(2, dtype=F64),
+            group=torch.tensor([0.0, 1.0], dtype=F64),
         )
 
 
 def test_group_normalized_needs_group_ids() -> None:
     batch = make([1.0, 2.0], None, torch.ones(2, 2, dtype=torch.bool))
-    with pytest.raises(proxim.BatchError, match=r"needs Rollout\.group \(needed by baseline 'group_mean', advantage 'group_normalized'\), but the batch has None there"):
+    with pytest.raises(
+        proxim.BatchError, match=r"needs Rollout\.group \(needed by baseline 'group_mean', advantage 'group_normalized'\), but the batch has None there"
+    ):
         GRPO.advantages(batch)
     with pytest.raises(proxim.BatchError, match=r"Rollout\.group \(needed by advantage 'group_normalized'\)"):
         grpo(baseline="none").advantages(batch)

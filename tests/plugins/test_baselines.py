@@ -15,13 +15,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 
 import proxim
 from proxim_plugins.grpo import GroupMeanBaseline
 from proxim_plugins.ppo import BatchMeanBaseline, CriticBaseline, NoBaseline
 from proxim_plugins.rloo import LeaveOneOutBaseline
-
-from stage_one import REWARD, draw_groups, draw_mask, make, per_row, tokens
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
@@ -30,6 +29,7 @@ NAN = float("nan")
 DIFF = {name: proxim.objective(baseline=name, advantage="diff", region="none") for name in ("none", "batch_mean", "group_mean", "leave_one_out")}
 CRITIC_DIFF = proxim.objective(baseline="critic", advantage="diff", region="none")
 DR_GRPO = proxim.objective(baseline="group_mean", advantage="group_normalized", region="none", scale="none")
+
 
 def members(group: list[int]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
@@ -197,7 +197,7 @@ def test_permutation_equivariance(name: str, batch: proxim.Rollout, data: st.Dat
     moved = make(batch.rewards[perm], batch.group[perm].tolist(), batch.mask[perm], old_logprobs=batch.old_logprobs[perm])
     torch.testing.assert_close(obj.advantages(moved).advantages, est[perm], **TOL)
     ids = sorted(set(batch.group.tolist()))
-    new_ids = data.draw(st.lists(st.integers(-10**6, 10**6), min_size=len(ids), max_size=len(ids), unique=True), label="ids")
+    new_ids = data.draw(st.lists(st.integers(-(10**6), 10**6), min_size=len(ids), max_size=len(ids), unique=True), label="ids")
     relabel = dict(zip(ids, new_ids))
     renamed = batch.replace(group=torch.tensor([relabel[gid] for gid in batch.group.tolist()]))
     torch.testing.assert_close(obj.advantages(renamed).advantages, est, **TOL)

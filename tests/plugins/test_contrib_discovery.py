@@ -118,10 +118,7 @@ def test_disable_autoload_keeps_only_the_builtins(tmp_path: Path) -> None:
 
 @needs(*CONTRIB)
 def test_block_list_skips_named_plugins_only(tmp_path: Path) -> None:
-    code = SUMMARY + (
-        "try:\n    proxim.objective('grpo', region='truncated_is')\n"
-        "except proxim.UnknownNameError as exc:\n    print(exc)\n"
-    )
+    code = SUMMARY + ("try:\n    proxim.objective('grpo', region='truncated_is')\nexcept proxim.UnknownNameError as exc:\n    print(exc)\n")
     out = _run(["-c", code], tmp_path, PROXIM_BLOCK_PLUGINS="hello, opo,lampo")
     table = json.loads(out.stdout.splitlines()[0])
     assert "truncated_is" not in table["region"] and "length_weighted_mean" not in table["baseline"]

@@ -25,9 +25,7 @@ def _embedded() -> dict[str, str]:
 
 
 def _package_files() -> list[Path]:
-    return sorted(
-        p for p in HELLO.rglob("*") if p.is_file() and not any(part in IGNORED or part.endswith(".egg-info") for part in p.relative_to(HELLO).parts)
-    )
+    return sorted(p for p in HELLO.rglob("*") if p.is_file() and not any(part in IGNORED or part.endswith(".egg-info") for part in p.relative_to(HELLO).parts))
 
 
 def test_every_proxim_hello_file_is_embedded() -> None:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from stage_two import coefficients
 
 import proxim
-from stage_two import coefficients
 from proxim_plugins.dppo import DivergenceMask, binary_kl
 from proxim_plugins.ppo import Clip
 

@@ -12,18 +12,18 @@ plus 6 and 7 (permutation equivariance, group independence).
 from __future__ import annotations
 
 import math
-from typing import Any
 import warnings
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from stage_one import REWARD, draw_groups, draw_mask
 
 import proxim
 from proxim_plugins.lampo import Pairwise
 from proxim_plugins.ppo import NoBaseline
-from stage_one import REWARD, draw_groups, draw_mask
 
 F64 = torch.float64
 TOL: dict[str, Any] = {"atol": 1e-12, "rtol": 0.0}
@@ -85,7 +85,9 @@ def bessel_std(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
-def ref_pairwise(batch: proxim.Rollout, baseline: list[float], tau: float = 1.0, length_norm: bool = True, normalizer: str = "count", scale: str = "none", eps: float = 1e-6) -> list[float]:
+def ref_pairwise(
+    batch: proxim.Rollout, baseline: list[float], tau: float = 1.0, length_norm: bool = True, normalizer: str = "count", scale: str = "none", eps: float = 1e-6
+) -> list[float]:
     """The reconstruction written as loops over each group's ordered pairs (j != i)."""
     x = [r - b for r, b in zip(batch.rewards.tolist(), baseline)]
     lc = confidence(batch, length_norm)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from stage_two import coefficients
 
 import proxim
-from stage_two import coefficients
 from proxim_plugins.cispo import CISPO
 from proxim_plugins.dppo import DivergenceMask
 from proxim_plugins.drpo import Quadratic

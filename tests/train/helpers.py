@@ -23,6 +23,10 @@ TINY: dict[str, Any] = {
 }
 
 
+#: `TINY` as command-line flags of ``proxim train``, without --steps and --eval-size (each test sets its own).
+TINY_RUN_FLAGS = "--prompts-per-step 4 --group-size 4 --tiny-hidden-size 32 --tiny-layers 1 --tiny-heads 2 --warmstart-steps 0 --quiet --tracker none".split()
+
+
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """Environment of a `python -m proxim` subprocess: offline, isolated cache, two threads."""
     env = dict(os.environ)

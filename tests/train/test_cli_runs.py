@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import proxim
 import pytest
+
+import proxim
 from proxim.cli import main
 from proxim.train.prompts import RowSource
 
-TINY_FLAGS = [
-    "--steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--tiny-hidden-size", "32", "--tiny-layers", "1",
-    "--tiny-heads", "2", "--warmstart-steps", "0", "--eval-size", "4", "--quiet", "--tracker", "none",
-]
-RUN_FLAGS = TINY_FLAGS[: TINY_FLAGS.index("--eval-size")] + TINY_FLAGS[TINY_FLAGS.index("--eval-size") + 2 :]
+from .helpers import TINY_RUN_FLAGS
+
+RUN_FLAGS = [*TINY_RUN_FLAGS, "--steps", "2"]
+TINY_FLAGS = [*RUN_FLAGS, "--eval-size", "4"]
 
 
 def test_compare_writes_one_table_and_one_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -36,14 +36,30 @@ def test_prompts_file_and_reward_file(tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}:", "target": w}) + "\n" for w in ["cat", "dog", "owl", "bee", "ant", "elk"] * 4))
     (tmp_path / "my_rewards.py").write_text(
-        "def starts_right(prompts, completions, target, step, **batch):\n"
-        "    return [float(c.startswith(t[0])) for c, t in zip(completions, target)]\n"
+        "def starts_right(prompts, completions, target, step, **batch):\n    return [float(c.startswith(t[0])) for c, t in zip(completions, target)]\n"
     )
-    code = main([
-        "train", *RUN_FLAGS, "--task", "none", "--prompts-file", str(prompts), "--eval-size", "4", "--max-new-tokens", "4",
-        "--rewards", f"{tmp_path / 'my_rewards.py'}:starts_right", "--reward-weights", "2",
-        "--output-dir", str(tmp_path / "runs"), "--run-name", "own",
-    ])
+    code = main(
+        [
+            "train",
+            *RUN_FLAGS,
+            "--task",
+            "none",
+            "--prompts-file",
+            str(prompts),
+            "--eval-size",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--rewards",
+            f"{tmp_path / 'my_rewards.py'}:starts_right",
+            "--reward-weights",
+            "2",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--run-name",
+            "own",
+        ]
+    )
     assert code == 0
     run = tmp_path / "runs" / "own"
     evaluated = [json.loads(line) for line in (run / "eval_after.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+
 from proxim.cli import build_parser, main
 from proxim.errors import ConfigurationError
 from proxim.train import TrainConfig
@@ -31,8 +32,14 @@ def test_default_objective_is_grpo_and_axes_mean_free_composition() -> None:
 
 def test_toml_round_trip(tmp_path: Path) -> None:
     config = TrainConfig(
-        preset="dapo", set={"region.eps_high": 0.3, "kl_coef": 0.0}, rewards=["task", "mod:fn"], reward_weights=[1.0, 0.5],
-        task=None, prompts_file="p.jsonl", lr=3e-5, quiet=True,
+        preset="dapo",
+        set={"region.eps_high": 0.3, "kl_coef": 0.0},
+        rewards=["task", "mod:fn"],
+        reward_weights=[1.0, 0.5],
+        task=None,
+        prompts_file="p.jsonl",
+        lr=3e-5,
+        quiet=True,
     )
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml())
@@ -76,7 +83,7 @@ def test_bad_settings_fail_before_any_model_is_built(flags: list[str], message: 
 def test_unknown_toml_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("stepz = 3\n")
-    with pytest.raises(ConfigurationError, match="unknown setting 'stepz'. Did you mean 'steps'"):
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'stepz'\. Did you mean 'steps'"):
         TrainConfig.from_toml(path)
 
 

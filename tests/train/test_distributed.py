@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from proxim.train import TrainingError
 from proxim.train.distributed import check_same_across_ranks
 
-from .helpers import cli_env
+from .helpers import TINY_RUN_FLAGS, cli_env
 
 
 def test_ranks_must_agree_on_the_objective() -> None:
@@ -26,11 +27,27 @@ def test_accelerate_launch_two_processes_on_cpu(tmp_path: Path) -> None:
     cmd = [
         # `accelerate launch` (the same entry point as the `accelerate` command); on a CPU-only machine it
         # needs --multi_gpu to start several processes, which proxim then joins into a CPU (gloo) group
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", "29561", "-m", "proxim", "train",
-        "--steps", "3", "--prompts-per-step", "4", "--group-size", "4", "--tiny-hidden-size", "32", "--tiny-layers", "1",
-        "--tiny-heads", "2", "--warmstart-steps", "0", "--eval-size", "8", "--output-dir", str(tmp_path / "runs"),
-        "--run-name", "ddp", "--quiet", "--tracker", "none", "--save-every", "3",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29561",
+        "-m",
+        "proxim",
+        "train",
+        *TINY_RUN_FLAGS,
+        *"--steps 3 --eval-size 8 --save-every 3 --run-name ddp".split(),
+        "--output-dir",
+        str(tmp_path / "runs"),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     output = proc.stdout + proc.stderr

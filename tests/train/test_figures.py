@@ -17,6 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
+
 from proxim.train.figures import DPI, Panel, Series, build_figure, figure_pixels, informative, smoothing_window, write_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from proxim.train.generation import response_mask
 from proxim.train.hf_generator import HFGenerator
 from proxim.train.models import EOS, build_tiny_model, byte_tokenizer, tiny_config

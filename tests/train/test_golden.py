@@ -13,10 +13,11 @@ import json
 import random
 
 import torch
-from proxim_plugins import tasks
+
 from proxim.train import train
 from proxim.train.loop import step_seed
 from proxim.train.models import build_tiny_model, byte_tokenizer, tiny_config
+from proxim_plugins import tasks
 
 SEED, PROMPTS, G, LR, BETA, EPS_CLIP, MAX_NEW, EPOCHS = 0, 4, 4, 3e-3, 0.04, 0.2, 5, 2
 #: naive_grpo_losses(3) on torch 2.13 CPU (the mean of each step's two updates).

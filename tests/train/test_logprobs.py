@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from proxim.train.logprobs import (
     PolicyScorer,
     gather_logprobs,
@@ -126,7 +127,9 @@ def test_policy_scorer_matches_unpadded_forward(split: bool) -> None:
                 assert abs(float(lp[i, t]) - float(want)) < 1e-10
 
 
-def _naive_linear(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _naive_linear(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits = h @ weight.T + (bias if bias is not None else 0.0)
     logp = torch.log_softmax(logits / temperature, dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(logp.exp() * logp).sum(-1)

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import attrs
-import proxim
 import pytest
 import torch
-from proxim.train import TrainingError, train
 from safetensors.torch import load_file
+
+import proxim
+from proxim.train import TrainingError, train
 
 CALLS: list[int] = []
 

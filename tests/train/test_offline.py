@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from proxim.cli import main
 from proxim.errors import ConfigurationError
 from proxim.train import TrainConfig, train
@@ -67,12 +68,15 @@ def test_default_preference_set_prefers_the_better_answer(tmp_path: Path) -> Non
     """Built from the count task with a briefly warm-started tiny model: in every pair the chosen response is the
     right count and the rejected one is not (the count recomputed here from the prompt), on training and held-out pairs."""
     from accelerate import Accelerator
+
     import proxim
     from proxim.train.models import eos_ids
     from proxim.train.preferences import preference_set
     from proxim.train.warmstart import initial_policy
 
-    config = PreferenceConfig(**{**OFFLINE_TINY, "task": "count", "warmstart_steps": 150, "warmstart_lr": 3e-3, "preference_prompts": 64, "eval_size": 32, "cache_dir": str(tmp_path)})
+    config = PreferenceConfig(
+        **{**OFFLINE_TINY, "task": "count", "warmstart_steps": 150, "warmstart_lr": 3e-3, "preference_prompts": 64, "eval_size": 32, "cache_dir": str(tmp_path)}
+    )
     task = config.load_task(proxim.default_registry())
     assert task is not None
     accelerator = Accelerator(cpu=True)

@@ -7,10 +7,11 @@ import math
 from pathlib import Path
 
 import torch
+
 from proxim.train import RewardModelConfig, SFTConfig, TrainConfig, train
 from proxim.train.recipes.reward_model import bradley_terry_loss, train_reward_model
-from proxim.train.rewards import RewardModel
 from proxim.train.recipes.sft import sft
+from proxim.train.rewards import RewardModel
 
 from .helpers import TINY
 from .test_offline import PAIRS, write_jsonl
@@ -37,7 +38,9 @@ def test_sft_then_reward_model_then_ppo(tmp_path: Path) -> None:
     pairs = [p for p in PAIRS if isinstance(p["prompt"], str)] * 2
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
     rm_base = {k: v for k, v in base.items() if k in RewardModelConfig.names()}
-    rm = train_reward_model(RewardModelConfig(**{**rm_base, "init": str(sft_dir), "data": str(data), "steps": 3, "prompts_per_step": 4, "warmstart_steps": None, "run_name": "rm"}))
+    rm = train_reward_model(
+        RewardModelConfig(**{**rm_base, "init": str(sft_dir), "data": str(data), "steps": 3, "prompts_per_step": 4, "warmstart_steps": None, "run_name": "rm"})
+    )
     rm_dir = rm.run_dir / "model"
     # the trainer's own loader scores with it; its pairwise accuracy is the one the command reported
     loader = RewardModel(rm_dir, batch_size=2)

@@ -12,13 +12,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import PYTHON, cli_env
+from .helpers import PYTHON, TINY_RUN_FLAGS, cli_env
 
 STEPS = 24
 FLAGS = [
-    "--steps", str(STEPS), "--prompts-per-step", "4", "--group-size", "4", "--tiny-hidden-size", "32",
-    "--tiny-layers", "1", "--tiny-heads", "2", "--warmstart-steps", "0", "--eval-size", "4",
-    "--save-every", "3", "--epochs", "2", "--minibatch-size", "8", "--quiet", "--tracker", "none",
+    *TINY_RUN_FLAGS,
+    "--steps",
+    str(STEPS),
+    "--eval-size",
+    "4",
+    "--save-every",
+    "3",
+    "--epochs",
+    "2",
+    "--minibatch-size",
+    "8",
 ]  # two epochs of two minibatches: the optimizer state, not only the weights, must survive the restart
 
 

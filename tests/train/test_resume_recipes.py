@@ -21,15 +21,27 @@ from .helpers import PYTHON, cli_env
 from .test_offline import PAIRS
 
 STEPS = 16
-TINY_MODEL = ["--tiny-hidden-size", "32", "--tiny-layers", "1", "--tiny-heads", "2", "--quiet", "--tracker", "none", "--save-every", "3"]
+TINY_MODEL = "--tiny-hidden-size 32 --tiny-layers 1 --tiny-heads 2 --quiet --tracker none --save-every 3".split()
 PLAIN_PAIRS = [p for p in PAIRS if isinstance(p["prompt"], str)] * 4
 RECORDS = [{"prompt": f"count a: {'a' * n}b=", "response": str(n)} for n in range(1, 25)]
 
 #: recipe -> (command, flags, the metric that is each step's loss)
 RECIPES = {
-    "dpo": (["train", "--preset", "dpo"], ["--steps", str(STEPS), "--prompts-per-step", "4", "--micro-batch-size", "2", "--task", "none", "--eval-size", "3", "--warmstart-steps", "0"], "loss/preference"),
-    "sft": (["sft"], ["--warmstart-steps", str(STEPS), "--warmstart-batch-size", "4", "--task", "none", "--eval-size", "4", "--warmstart-lr", "3e-3"], "loss/supervised"),
-    "reward-model": (["reward-model"], ["--steps", str(STEPS), "--prompts-per-step", "4", "--task", "none", "--eval-size", "3", "--lr", "1e-3", "--warmstart-steps", "0"], "loss/bradley_terry"),
+    "dpo": (
+        ["train", "--preset", "dpo"],
+        ["--steps", str(STEPS), "--prompts-per-step", "4", "--micro-batch-size", "2", "--task", "none", "--eval-size", "3", "--warmstart-steps", "0"],
+        "loss/preference",
+    ),
+    "sft": (
+        ["sft"],
+        ["--warmstart-steps", str(STEPS), "--warmstart-batch-size", "4", "--task", "none", "--eval-size", "4", "--warmstart-lr", "3e-3"],
+        "loss/supervised",
+    ),
+    "reward-model": (
+        ["reward-model"],
+        ["--steps", str(STEPS), "--prompts-per-step", "4", "--task", "none", "--eval-size", "3", "--lr", "1e-3", "--warmstart-steps", "0"],
+        "loss/bradley_terry",
+    ),
 }
 
 

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from proxim.errors import ConfigurationError
 import torch
+
+from proxim.errors import ConfigurationError
 from proxim.train import train
 from proxim.train.rewards import Reward, RewardModel, load_function, score
 
@@ -47,8 +48,9 @@ def test_bad_reward_values_are_named() -> None:
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama sequence-classifier (one label) with the byte tokenizer, saved like any local model."""
-    from proxim.train.models import byte_tokenizer, tiny_config
     from transformers import LlamaForSequenceClassification
+
+    from proxim.train.models import byte_tokenizer, tiny_config
 
     path = tmp_path_factory.mktemp("rm") / "rm"
     config = tiny_config(hidden_size=32, layers=1, heads=2)
@@ -64,8 +66,9 @@ def reward_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _independent_scores(path: Path, texts: list[str]) -> list[float]:
     """One unpadded forward per text: the score head's value at the text's last token."""
-    from proxim.train.models import byte_tokenizer
     from transformers import AutoModelForSequenceClassification
+
+    from proxim.train.models import byte_tokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(str(path)).eval()
     tok = byte_tokenizer()

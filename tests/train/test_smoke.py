@@ -6,8 +6,9 @@ import json
 import math
 from pathlib import Path
 
-import proxim
 import pytest
+
+import proxim
 from proxim.train import train
 
 PRESETS = ("ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "reinforce_pp", "dppo", "drpo", "lampo")
@@ -76,6 +77,7 @@ def test_eval_every_logs_held_out_numbers_between_before_and_after(tiny_config) 
 def test_sampler_old_logprobs_equal_a_recomputed_forward(tiny_config) -> None:
     """--old-logprobs sampler: the generator's recorded log-probs stand in for the policy forward after sampling."""
     import torch
+
     from proxim.train import Trainer
     from proxim.train.logprobs import response_logprobs
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-import proxim
 import pytest
+
+import proxim
 from proxim.train import TrainConfig, Trainer, train
 from proxim.train.rewards import Reward
 
@@ -57,7 +58,7 @@ def test_a_custom_loop_drives_the_public_step(tiny_config) -> None:
     assert ["reward/lowercase" in m for m in seen] == [True, True, False, False]
     assert ["reward/digits" in m for m in seen] == [False, False, True, True]
     trainer.save(4, train_time=0.0)
-    assert (trainer.folder.path / "checkpoints" / "step_000004" / "model.safetensors").is_file()
+    assert (trainer.session.path / "checkpoints" / "step_000004" / "model.safetensors").is_file()
 
 
 def test_resume_with_more_steps_continues_the_schedule(tiny_config) -> None:

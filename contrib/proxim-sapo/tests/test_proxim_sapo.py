@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from proxim_sapo import SoftGate
 
 import proxim
 from proxim.testing import parametrize_with_checks
-from proxim_sapo import SoftGate
 
 pytest_plugins = ["proxim.testing"]
 

@@ -20,7 +20,6 @@ from proxim.registry import Registry, default_registry
 from proxim.testing.devices import on_device
 from proxim.testing.settings import resolve_device, resolve_max_examples
 
-
 _T = TypeVar("_T")
 
 
@@ -46,9 +45,7 @@ class Check:
     device: str | None = None
 
     def configured(self, *, max_examples: int | None = None, registry: Registry | None = None, device: str | None = None) -> Check:
-        return attrs.evolve(
-            self, max_examples=max_examples or self.max_examples, registry=registry or self.registry, device=device or self.device
-        )
+        return attrs.evolve(self, max_examples=max_examples or self.max_examples, registry=registry or self.registry, device=device or self.device)
 
     def applies_to(self, part: Part | type[Part]) -> bool:
         part = as_instance(part)
@@ -95,7 +92,7 @@ def short_name(part: Part) -> str:
     """The part's name, with the hyperparameters that differ from its defaults."""
     try:
         defaults = type(part)().settings()
-    except Exception:  # noqa: BLE001 - a part without usable defaults is described in full
+    except Exception:
         defaults = {}
     changed = {k: v for k, v in part.settings().items() if k not in defaults or defaults[k] != v}
     if not changed:

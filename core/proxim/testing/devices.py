@@ -59,7 +59,9 @@ def to_device(obj: object, device: torch.device) -> object:
         return Rollout(**{name: to_device(t, device) for name, t in fields.items()})
     if isinstance(obj, Estimate):
         metrics = {k: to_device(v, device) for k, v in obj.metrics.items()} if isinstance(obj.metrics, Mapping) else obj.metrics
-        return Estimate(advantages=to_device(obj.advantages, device), returns=to_device(obj.returns, device), rewards=to_device(obj.rewards, device), metrics=metrics)
+        return Estimate(
+            advantages=to_device(obj.advantages, device), returns=to_device(obj.returns, device), rewards=to_device(obj.rewards, device), metrics=metrics
+        )
     if isinstance(obj, RegionOutput):
         metrics = {k: to_device(v, device) for k, v in obj.metrics.items()} if isinstance(obj.metrics, Mapping) else obj.metrics
         return RegionOutput(loss=to_device(obj.loss, device), metrics=metrics)

@@ -22,8 +22,14 @@ class Property:
 PROPERTIES: dict[str, Property] = {
     p.name: p
     for p in (
-        Property("group_independent", frozenset({"baseline", "advantage"}), "changing the responses of one prompt group leaves every other group's output unchanged"),
-        Property("permutation_equivariant", frozenset({"baseline", "advantage"}), "permuting the rows of the batch (with their group ids) permutes the output the same way"),
+        Property(
+            "group_independent", frozenset({"baseline", "advantage"}), "changing the responses of one prompt group leaves every other group's output unchanged"
+        ),
+        Property(
+            "permutation_equivariant",
+            frozenset({"baseline", "advantage"}),
+            "permuting the rows of the batch (with their group ids) permutes the output the same way",
+        ),
         Property("shift_equivariant", frozenset({"baseline"}), "adding c_g to every reward of group g adds c_g to that group's baselines"),
         Property("shift_invariant", frozenset({"advantage"}), "adding c_g to every reward of group g leaves all advantages unchanged"),
         Property("zero_sum_per_group", frozenset({"advantage"}), "within each group, the rows' advantages (each row's mean over its valid tokens) sum to 0"),
@@ -31,8 +37,16 @@ PROPERTIES: dict[str, Property] = {
         Property("outcome_broadcast", frozenset({"advantage"}), "with sequence rewards, the advantage is constant over each row's valid tokens"),
         Property("pg_at_anchor", frozenset({"region"}), "at logprobs == anchor (ratio 1) the gradient -dloss/dlogprob equals A at every valid token"),
         Property("value_at_anchor", frozenset({"region"}), "at ratio 1 the loss is -A at every valid token"),
-        Property("zero_grad_clipped_side", frozenset({"region"}), "far past the trust region in the direction A pushes (p -> 1 for A > 0, p -> 0 for A < 0, from anchor probabilities in [0.2, 0.5]) the gradient is exactly 0"),
-        Property("bounded_weight", frozenset({"region"}), "the gradient's weight g / A stops growing with the ratio: in magnitude it is no larger at log-ratios of +-15 and +-19.5 than its largest value for log-ratios within +-10"),
+        Property(
+            "zero_grad_clipped_side",
+            frozenset({"region"}),
+            "far past the trust region in the direction A pushes (p -> 1 for A > 0, p -> 0 for A < 0, from anchor probabilities in [0.2, 0.5]) the gradient is exactly 0",
+        ),
+        Property(
+            "bounded_weight",
+            frozenset({"region"}),
+            "the gradient's weight g / A stops growing with the ratio: in magnitude it is no larger at log-ratios of +-15 and +-19.5 than its largest value for log-ratios within +-10",
+        ),
         Property("positively_homogeneous", frozenset({"region"}), "loss(a A) == a loss(A), and the same for the gradient, for every a > 0"),
         Property("tokens_independent", frozenset({"region"}), "each token's loss and gradient depend only on that token's inputs"),
     )

@@ -158,7 +158,7 @@ def _fresh_row(gen: torch.Generator, tokens: int, dtype: torch.dtype) -> tuple[T
     logprobs = (anchor + torch.randn(tokens, generator=gen, dtype=torch.float64)).clamp(max=0.0)
     advantages = torch.randn(tokens, generator=gen, dtype=torch.float64)
     zero = torch.zeros((), dtype=torch.float64)
-    return tuple(torch.where(mask, t, zero).to(dtype) for t in (logprobs, anchor, advantages)) + (mask,)  # type: ignore[return-value]
+    return (*(torch.where(mask, t, zero).to(dtype) for t in (logprobs, anchor, advantages)), mask)  # type: ignore[return-value]
 
 
 def rows_independent(part: Part, ctx: Context) -> None:

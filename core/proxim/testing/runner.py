@@ -34,12 +34,7 @@ def check_installed(
     registry = registry or build_registry(strict=False)
     wanted = set(names)
     chosen_kinds = tuple(kinds) if kinds else tuple(PART_KINDS)
-    parts = [
-        (kind, name, cls, info)
-        for kind in chosen_kinds
-        for name, (cls, info) in sorted(registry.entries[kind].items())
-        if not wanted or name in wanted
-    ]
+    parts = [(kind, name, cls, info) for kind in chosen_kinds for name, (cls, info) in sorted(registry.entries[kind].items()) if not wanted or name in wanted]
     known = {name for kind in chosen_kinds for name in registry.entries[kind]}
     missing = sorted(wanted - known)
     if missing:
@@ -59,7 +54,7 @@ def check_installed(
         start = time.perf_counter()
         try:
             results = run_checks(cls, max_examples=examples, registry=registry, device=device)
-        except Exception as exc:  # noqa: BLE001 - e.g. a class whose defaults no longer build
+        except Exception as exc:
             print(f"{kind} {name} ({info.plugin}: {info.distribution} {info.version})  ERROR {type(exc).__name__}: {exc}", file=out)
             failures.append(f"{kind} {name}: could not be checked")
             continue

@@ -32,7 +32,7 @@ def _perturb_rows(batch: Rollout, rows: Tensor, gen: torch.Generator) -> Rollout
         t = getattr(batch, name)
         if t is None:
             continue
-        shape = (count,) + tuple(t.shape[1:])
+        shape = (count, *t.shape[1:])
         if name.endswith("logprobs"):
             fresh = -torch.empty(shape, dtype=torch.float64).exponential_(1.0, generator=gen)
         else:
@@ -114,7 +114,12 @@ def shift_invariant(part: Part, ctx: Context) -> None:
 
     def test(case: strat.StageOneCase) -> None:
         shifted, per_row = _shifted(case)
-        compare(subject.result(case.batch, None), subject.result(shifted, None), f"adding {per_row.tolist()} to the rows' rewards changed the advantages", skip_scalars=True)
+        compare(
+            subject.result(case.batch, None),
+            subject.result(shifted, None),
+            f"adding {per_row.tolist()} to the rows' rewards changed the advantages",
+            skip_scalars=True,
+        )
 
     ctx.given(subject.cases(dtype=torch.float64, exact_rewards=True), test)
 
@@ -135,7 +140,9 @@ def zero_sum_per_group(part: Part, ctx: Context) -> None:
             total = float(per_row[members].sum())
             scale = 1.0 + float(per_row.abs().max())
             if abs(total) > 1e-9 * scale * int(members.sum()):
-                raise CheckFailure(f"group {g} (rows {torch.nonzero(members).flatten().tolist()}) has advantages {per_row[members].tolist()}, summing to {total!r}, not 0.")
+                raise CheckFailure(
+                    f"group {g} (rows {torch.nonzero(members).flatten().tolist()}) has advantages {per_row[members].tolist()}, summing to {total!r}, not 0."
+                )
 
     ctx.given(subject.cases(dtype=torch.float64), test)
 
@@ -153,7 +160,9 @@ def degenerate_groups_zero(part: Part, ctx: Context) -> None:
             if bool((rewards[members] == rewards[members][0]).all()):
                 values = adv[members.unsqueeze(1) & mask]
                 if values.numel() and float(values.abs().max()) > 1e-9 * (1.0 + float(rewards.abs().max())):
-                    raise CheckFailure(f"group {g} (rows {torch.nonzero(members).flatten().tolist()}) has identical rewards {rewards[members].tolist()} but advantages {values.tolist()}.")
+                    raise CheckFailure(
+                        f"group {g} (rows {torch.nonzero(members).flatten().tolist()}) has identical rewards {rewards[members].tolist()} but advantages {values.tolist()}."
+                    )
 
     ctx.given(subject.cases(dtype=torch.float64, degenerate=True, exact_rewards=True), test)
 

@@ -42,11 +42,14 @@ def train(
     if isinstance(objective, proxim.PreferenceObjective) or (objective is None and config.is_offline(registry)):
         given = [name for name, value in (("rewards", rewards), ("prompts", prompts), ("eval_prompts", eval_prompts)) if value is not None]
         if given:
-            raise ConfigurationError(f"{', '.join(given)}: not for an offline preference objective, which trains on pairs (config.data, or pairs built from the task).")
+            raise ConfigurationError(
+                f"{', '.join(given)}: not for an offline preference objective, which trains on pairs (config.data, or pairs built from the task)."
+            )
         chosen = objective if isinstance(objective, proxim.PreferenceObjective) else None
         return preference.train_offline(config.offline(), objective=chosen, resume=resume, registry=registry)
     assert not isinstance(objective, proxim.PreferenceObjective)  # for the type checker: handled above
-    return online.train(config, objective=objective, rewards=rewards, prompts=prompts, eval_prompts=eval_prompts, resume=resume, registry=registry)
+    trainer = online.Trainer(config, objective=objective, rewards=rewards, prompts=prompts, eval_prompts=eval_prompts, resume=resume, registry=registry)
+    return trainer.run()
 
 
 def compare(config: CompareConfig, presets: Sequence[str], name: str | None = None) -> list[RunResult]:

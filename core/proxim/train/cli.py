@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from proxim.errors import ConfigurationError, ProximError, TrainingError
 from proxim.train.config import CompareConfig, RewardModelConfig, SFTConfig, TrainConfig
-from proxim.train.settings import Settings, add_flags, flag_name, flag_values, read_toml, resumable
+from proxim.train.flags import add_flags, flag_values, resumable
+from proxim.train.settings import Settings, flag_name, read_toml
 
 _S = TypeVar("_S", bound=Settings)
 
@@ -155,7 +156,9 @@ def _run_reward_model(args: argparse.Namespace) -> int:
 
 
 def _command(subparsers: Any, name: str, help: str, description: str, epilog: str, settings: type[Settings], resume: bool = True) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", metavar="TOML", help="read settings from a TOML file (keys are the setting names; objective overrides in a [set] table)")
     if resume:
         parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint (with its saved settings)")
@@ -166,40 +169,53 @@ def _command(subparsers: Any, name: str, help: str, description: str, epilog: st
 def add_subcommands(subparsers: Any) -> None:
     """Add ``train``, ``compare``, ``sft`` and ``reward-model`` to the ``proxim`` command line (`proxim.cli`)."""
     train = _command(
-        subparsers, "train", "train a model with an RL objective (default: GRPO on arithmetic, a few minutes on a CPU)",
+        subparsers,
+        "train",
+        "train a model with an RL objective (default: GRPO on arithmetic, a few minutes on a CPU)",
         "Train a causal LM online with a composed RL objective (or offline with a preference preset: dpo, ipo, hinge). "
         "Every setting below is a field of proxim.train.TrainConfig; a TOML file (--config) sets any of them, flags override it.",
-        TRAIN_EPILOG, TrainConfig,
+        TRAIN_EPILOG,
+        TrainConfig,
     )
     train.add_argument("--print-config", action="store_true", help="check the settings, print them as TOML and exit without training")
     train.set_defaults(run=_run_train)
 
     compare = _command(
-        subparsers, "compare", "train several presets on the same task, seeds and budget; write a plot and a table",
+        subparsers,
+        "compare",
+        "train several presets on the same task, seeds and budget; write a plot and a table",
         "Train each PRESET with the same settings (the same seeds, prompts and budget), then write "
         "OUTPUT_DIR/NAME/compare.md (held-out accuracy and reward, KL, wall time) and compare.png.",
-        "example:\n  proxim compare grpo rloo drpo lampo ppo --steps 100", CompareConfig, resume=False,
+        "example:\n  proxim compare grpo rloo drpo lampo ppo --steps 100",
+        CompareConfig,
+        resume=False,
     )
     compare.add_argument("presets", nargs="+", metavar="PRESET", help="presets to compare (see proxim plugins)")
     compare.add_argument("--name", help="the comparison's folder under output_dir (default compare-<task>-<date>-<time>)")
     compare.set_defaults(run=_run_compare)
 
     sft = _command(
-        subparsers, "sft", "supervised fine-tuning on {prompt, response} records (default: the task's answers); saves a model",
+        subparsers,
+        "sft",
+        "supervised fine-tuning on {prompt, response} records (default: the task's answers); saves a model",
         "Fine-tune a causal LM on prompt -> response pairs (loss on the response), report the held-out "
         "loss and task accuracy before and after, and save RUN/model (from_pretrained-loadable, with its tokenizer). "
         "Without --data it trains on the task's answers: the warm start of proxim train, from the same cache. "
         "--warmstart-steps, --warmstart-lr and --warmstart-batch-size set the recipe (default 600 steps).",
-        SFT_EPILOG, SFTConfig,
+        SFT_EPILOG,
+        SFTConfig,
     )
     sft.set_defaults(run=_run_sft)
 
     rm = _command(
-        subparsers, "reward-model", "train a sequence-classification reward model on preference pairs (Bradley-Terry); saves it",
+        subparsers,
+        "reward-model",
+        "train a sequence-classification reward model on preference pairs (Bradley-Terry); saves it",
         "Train a transformers sequence-classification model (num_labels=1) with the Bradley-Terry loss "
         "-log sigmoid(r(chosen) - r(rejected)) on {prompt, chosen, rejected} records (default: pairs built from the "
         "task, as proxim train --preset dpo builds them), report the held-out pairwise accuracy before and after, "
         "and save RUN/model for proxim train --reward-model. --steps, --prompts-per-step (pairs per step) and --lr set the recipe.",
-        REWARD_MODEL_EPILOG, RewardModelConfig,
+        REWARD_MODEL_EPILOG,
+        RewardModelConfig,
     )
     rm.set_defaults(run=_run_reward_model)

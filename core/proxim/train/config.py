@@ -31,7 +31,6 @@ from proxim.train.sections import (
     Critic,
     Evaluation,
     Generation,
-    Init,
     LearningRate,
     Model,
     Optimizer,
@@ -48,6 +47,7 @@ from proxim.train.sections import (
     SampleLog,
     Sampling,
     Scoring,
+    Start,
     Steps,
     SupervisedOptimizer,
     TaskChoice,
@@ -64,17 +64,30 @@ if TYPE_CHECKING:
 
 @config
 class CompareConfig(
-    Overrides, AdaptiveKL, TaskChoice, PromptFiles, Rewards, Records, PreferencePairs, Init, Critic, Scoring,
-    WarmStart, Steps, Sampling, Generation, Rollout, Optimizer, LearningRate, Updates, Run, Evaluation, SampleLog,
+    Overrides,
+    AdaptiveKL,
+    TaskChoice,
+    PromptFiles,
+    Rewards,
+    Records,
+    PreferencePairs,
+    Start,
+    Critic,
+    Scoring,
+    Steps,
+    Sampling,
+    Generation,
+    Rollout,
+    Optimizer,
+    LearningRate,
+    Updates,
+    Run,
+    Evaluation,
+    SampleLog,
 ):
     """Every setting of an online run but the objective's and the run folder's names: ``proxim compare``."""
 
     command = "compare"
-
-    def validate(self, context: CheckContext) -> None:
-        if self.init is not None and self.warmstart_steps:
-            raise ConfigurationError(f"init={self.init!r} is used as is, without a warm start; drop warmstart_steps, or give the directory as model instead.")
-        super().validate(context)
 
 
 @config
@@ -134,7 +147,9 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
             )
         return PreferenceConfig(**{n: getattr(self, n) for n in own})
 
-    def check(self, registry: proxim.Registry | None = None, num_processes: int = 1, custom_rewards: bool = False, custom_prompts: bool = False) -> proxim.Objective:
+    def check(
+        self, registry: proxim.Registry | None = None, num_processes: int = 1, custom_rewards: bool = False, custom_prompts: bool = False
+    ) -> proxim.Objective:
         """Everything that can be checked without building a model; returns the online objective.
 
         Raises `ConfigurationError`; for a preference preset, use `offline()` and its `check()` instead.
@@ -156,7 +171,9 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
         if self.task is None and self.prompts_file is None and not custom_prompts:
             raise ConfigurationError("no prompts: name a task or give a prompts_file.")
         if self.adaptive_kl and obj.options.kl_coef <= 0:
-            raise ConfigurationError(f"adaptive_kl needs kl_coef > 0 (it adapts that coefficient), but this objective has kl_coef={obj.options.kl_coef}; add --set kl_coef=0.05.")
+            raise ConfigurationError(
+                f"adaptive_kl needs kl_coef > 0 (it adapts that coefficient), but this objective has kl_coef={obj.options.kl_coef}; add --set kl_coef=0.05."
+            )
         if self.old_logprobs == "sampler" and self.top_p < 1.0:
             raise ConfigurationError(
                 f"old_logprobs='sampler' needs top_p=1 (got {self.top_p}): with a nucleus the sampler's log-probs are renormalised "
@@ -169,7 +186,9 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
 
     def _check_rewards(self) -> None:
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
-            raise ConfigurationError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards {self.rewards}; give one weight per reward.")
+            raise ConfigurationError(
+                f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards {self.rewards}; give one weight per reward."
+            )
         if not self.rewards and self.reward_model is None:
             raise ConfigurationError("no reward: give rewards (e.g. 'task') or a reward_model.")
         if self.task is None and "task" in self.rewards:
@@ -183,17 +202,25 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
 
 @config
 class PreferenceConfig(
-    Preset, RunName, Overrides, TaskChoice, Records, PreferencePairs, Init, Scoring, WarmStart, Steps, Sampling, Generation,
-    Optimizer, LearningRate, Run, Evaluation,
+    Preset,
+    RunName,
+    Overrides,
+    TaskChoice,
+    Records,
+    PreferencePairs,
+    Start,
+    Scoring,
+    Steps,
+    Sampling,
+    Generation,
+    Optimizer,
+    LearningRate,
+    Run,
+    Evaluation,
 ):
     """The settings of an offline preference run (``proxim train --preset dpo``; ipo, hinge or a plugin's loss)."""
 
     command = "train"
-
-    def validate(self, context: CheckContext) -> None:
-        if self.init is not None and self.warmstart_steps:
-            raise ConfigurationError(f"init={self.init!r} is used as is, without a warm start; drop warmstart_steps, or give the directory as model instead.")
-        super().validate(context)
 
     def check(self, registry: proxim.Registry | None = None, num_processes: int = 1) -> proxim.PreferenceObjective:
         """Everything that can be checked without building a model, every record of `data` included; returns the objective."""
@@ -225,7 +252,7 @@ class SFTConfig(RunName, TaskChoice, Records, Model, WarmStart, Generation, Supe
 
         self.validate(CheckContext(registry or proxim.default_registry(), num_processes))
         if self.data is None and self.task is None:
-            raise ConfigurationError("proxim sft needs --data sft.jsonl ({\"prompt\", \"response\"} records), or a task whose answers to train on.")
+            raise ConfigurationError('proxim sft needs --data sft.jsonl ({"prompt", "response"} records), or a task whose answers to train on.')
         if self.data is not None:
             from proxim.train.records import SUPERVISED_FIELDS, read_records
 
@@ -234,7 +261,17 @@ class SFTConfig(RunName, TaskChoice, Records, Model, WarmStart, Generation, Supe
 
 @config
 class RewardModelConfig(
-    RunName, TaskChoice, Records, PreferencePairs, Init, WarmStart, Steps, Sampling, Generation, Optimizer, LearningRate, Run,
+    RunName,
+    TaskChoice,
+    Records,
+    PreferencePairs,
+    Start,
+    Steps,
+    Sampling,
+    Generation,
+    Optimizer,
+    LearningRate,
+    Run,
 ):
     """The settings of ``proxim reward-model``: ``--steps``, ``--prompts-per-step`` (pairs per step) and ``--lr`` set the recipe."""
 
@@ -246,7 +283,7 @@ class RewardModelConfig(
 
         self.validate(CheckContext(registry or proxim.default_registry(), num_processes))
         if self.data is None and self.task is None:
-            raise ConfigurationError("proxim reward-model needs --data pairs.jsonl ({\"prompt\", \"chosen\", \"rejected\"} records), or a task to build pairs from.")
+            raise ConfigurationError('proxim reward-model needs --data pairs.jsonl ({"prompt", "chosen", "rejected"} records), or a task to build pairs from.')
         if self.data is not None:
             from proxim.train.records import PAIR_FIELDS, read_records
 

@@ -84,8 +84,7 @@ def check_same_across_ranks(values: Sequence[str], what: str) -> None:
     if len(set(values)) > 1:
         listing = "\n".join(f"  rank {i}: {v}" for i, v in enumerate(values))
         raise TrainingError(
-            f"the processes disagree on the {what}; every process must build the same objective "
-            f"(same proxim version, plugins and configuration):\n{listing}"
+            f"the processes disagree on the {what}; every process must build the same objective (same proxim version, plugins and configuration):\n{listing}"
         )
 
 

@@ -56,5 +56,7 @@ def task_accuracy(lm: Any, tokenizer: Any, task: Task, max_new_tokens: int, eval
     examples = task.eval_set()[:eval_size] if eval_size else task.eval_set()
     generator = HFGenerator(lm, tokenizer, models.eos_ids(tokenizer, lm), batch_size)
     rows = [{"prompt": e.prompt, "answer": e.answer} for e in examples]
-    result, _ = evaluate_prompts(rows, generator=generator, tokenizer=tokenizer, rewards=[Reward(task.name, task.reward)], task=task, max_new_tokens=max_new_tokens)
+    result, _ = evaluate_prompts(
+        rows, generator=generator, tokenizer=tokenizer, rewards=[Reward(task.name, task.reward)], task=task, max_new_tokens=max_new_tokens
+    )
     return result.accuracy

@@ -251,7 +251,9 @@ def _draw_panel(ax: Axes, panel: Panel, smooth: bool) -> int:
         window = smoothing_window(len(points)) if smooth and series.style != "points" and min(ys) != max(ys) else 1
         if window > 1:
             used = max(used, window)
-            ax.plot(xs, ys, label=f"_raw {series.label}", color=color, linewidth=0.7, alpha=0.4 if not many else 0.28 if len(drawable) <= 2 else 0.18, zorder=1.5)
+            ax.plot(
+                xs, ys, label=f"_raw {series.label}", color=color, linewidth=0.7, alpha=0.4 if not many else 0.28 if len(drawable) <= 2 else 0.18, zorder=1.5
+            )
             ys = _moving_average(ys, window)
         marker: str = "none"
         markevery: int | tuple[int, int] = 1
@@ -264,9 +266,19 @@ def _draw_panel(ax: Axes, panel: Panel, smooth: bool) -> int:
         # one leaves the earlier visible on both sides, and in the gaps of its dashes.
         width = max(1.2, 2.2 - 0.35 * k) if many else 1.7
         ax.plot(
-            xs, ys, label=series.label, color=color, linestyle=linestyle, linewidth=width, marker=marker,
-            markevery=markevery, markersize=5.0 if len(points) > 1 else 6.5, markerfacecolor="white" if k % 2 else color,
-            markeredgecolor=color, markeredgewidth=1.1, zorder=2 + k,
+            xs,
+            ys,
+            label=series.label,
+            color=color,
+            linestyle=linestyle,
+            linewidth=width,
+            marker=marker,
+            markevery=markevery,
+            markersize=5.0 if len(points) > 1 else 6.5,
+            markerfacecolor="white" if k % 2 else color,
+            markeredgecolor=color,
+            markeredgewidth=1.1,
+            zorder=2 + k,
         )
     if panel.log and drawable:
         ax.set_yscale("log")

@@ -135,8 +135,6 @@ def response_mask(response_ids: Tensor, eos_ids: Sequence[int], lengths: Tensor 
     return positions < end.unsqueeze(1), ~has_eos
 
 
-
-
 def finish(
     ids: Tensor,
     mask: Tensor,
@@ -178,5 +176,3 @@ def concat(parts: list[Generation], pad_id: int, tokenizer: Any) -> Generation:
         completions=[c for p in parts for c in p.completions],
         truncated=torch.cat([p.truncated for p in parts]),
     )
-
-

@@ -114,8 +114,9 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor | None, bias: Tensor | None, targets: Tensor,
-                temperature: float, rows: int, want_entropy: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, h: Tensor, weight: Tensor | None, bias: Tensor | None, targets: Tensor, temperature: float, rows: int, want_entropy: bool
+    ) -> tuple[Tensor, Tensor]:
         N = h.shape[0]
         lp: Tensor | None = None
         ent: Tensor | None = None
@@ -198,7 +199,10 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
             grad_h,
             grad_w.to(weight.dtype) if grad_w is not None else None,
             grad_b.to(bias.dtype) if grad_b is not None else None,
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -246,7 +250,7 @@ def _split_reproduces_logits(lm: Any) -> bool:
         with torch.no_grad():
             full = lm(input_ids=ids, attention_mask=mask).logits
             split = head(decoder(input_ids=ids, attention_mask=mask).last_hidden_state)
-    except Exception:  # noqa: BLE001 - any model that does not fit the split path uses full logits
+    except Exception:
         return False
     return full.shape == split.shape and torch.allclose(full.float(), split.float(), rtol=1e-4, atol=1e-5)
 

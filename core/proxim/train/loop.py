@@ -90,7 +90,9 @@ class StepLoop:
     def run_steps(self, step_fn: Callable[[int], Metrics], evaluate: Callable[[int], Metrics] | None = None, eval_every: int = 0) -> Outcome:
         acc = self.accelerator
         if acc.log_with:
-            acc.init_trackers(f"{self.run.path.name}/tensorboard", config={k: v for k, v in self.tracker_config.items() if isinstance(v, (int, float, str, bool))})
+            acc.init_trackers(
+                f"{self.run.path.name}/tensorboard", config={k: v for k, v in self.tracker_config.items() if isinstance(v, (int, float, str, bool))}
+            )
         handlers = self._install_signal_handlers()
         self.progress.start(self.total, self.start, self.desc)
         self.t0 = time.perf_counter()

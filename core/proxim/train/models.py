@@ -50,12 +50,8 @@ def byte_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left", model_max_length=4096
-    )
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left", model_max_length=4096)
 
 
 def tiny_config(hidden_size: int = 128, layers: int = 2, heads: int = 4, max_positions: int = 256) -> Any:
@@ -120,6 +116,18 @@ def start_policy(settings: Model, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     lm = load_causal_lm(start, settings.trust_remote_code)
     mtime = max((p.stat().st_mtime for p in Path(start).glob("*.safetensors")), default=0)
     return lm, tokenizer, {"path": str(Path(start).resolve()), "mtime": mtime}
+
+
+def load_policy(directory: Path, settings: Model, tokenizer_beside: bool) -> tuple[Any, Any]:
+    """The causal LM in `directory` and its tokenizer: saved beside it (`tokenizer_beside`, a run's ``init/``
+    folder), else from ``--tokenizer`` or the same folder."""
+    tokenizer = load_tokenizer(directory if tokenizer_beside else settings.tokenizer or directory, settings.trust_remote_code)
+    return load_causal_lm(directory, settings.trust_remote_code), tokenizer
+
+
+def frozen_copy(directory: Path, settings: Model, device: torch.device | str) -> Any:
+    """The causal LM in `directory`, on `device`, in eval mode and without gradients: a reference policy."""
+    return load_causal_lm(directory, settings.trust_remote_code).to(device).eval().requires_grad_(False)
 
 
 def load_weights(module: torch.nn.Module, directory: str | os.PathLike[str]) -> None:

@@ -78,7 +78,9 @@ class Optimization:
     def _schedule(self, horizon: int) -> Any:
         from transformers import get_scheduler
 
-        return get_scheduler(SCHEDULES[self.settings.lr_schedule], self.optimizer, num_warmup_steps=self.settings.warmup_updates, num_training_steps=max(horizon, 1))
+        return get_scheduler(
+            SCHEDULES[self.settings.lr_schedule], self.optimizer, num_warmup_steps=self.settings.warmup_updates, num_training_steps=max(horizon, 1)
+        )
 
     def prepare(self, *models: _M) -> tuple[_M, ...]:
         """Let accelerate place and wrap `models` and the optimiser (DDP, mixed precision); returns the wrapped models."""

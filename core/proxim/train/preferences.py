@@ -105,7 +105,9 @@ def make_pairs(lm: Any, tokenizer: Any, eos_ids: Sequence[int], task: Task, conf
                 if r_first == r_second:
                     continue
                 (chosen, r_chosen), (rejected, r_rejected) = sorted([(first, r_first), (second, r_second)], key=lambda x: -x[1])
-                out.append({"prompt": e.prompt, "chosen": chosen, "rejected": rejected, "answer": e.answer, "chosen_reward": r_chosen, "rejected_reward": r_rejected})
+                out.append(
+                    {"prompt": e.prompt, "chosen": chosen, "rejected": rejected, "answer": e.answer, "chosen_reward": r_chosen, "rejected_reward": r_rejected}
+                )
         return out
 
     held_out = task.eval_set()

@@ -73,7 +73,14 @@ class RowSource:
     Without separate held-out rows, the first `eval_size` rows (default 10%, at most 200) are held out.
     """
 
-    def __init__(self, rows: Sequence[Mapping[str, Any]], seed: int, eval_rows: Sequence[Mapping[str, Any]] | None = None, eval_size: int | None = None, origin: str = "prompts"):
+    def __init__(
+        self,
+        rows: Sequence[Mapping[str, Any]],
+        seed: int,
+        eval_rows: Sequence[Mapping[str, Any]] | None = None,
+        eval_size: int | None = None,
+        origin: str = "prompts",
+    ):
         rows = [_check_row(dict(r), origin, i) for i, r in enumerate(rows)]
         if eval_rows is None:
             k = eval_size if eval_size is not None else min(200, len(rows) // 10)

@@ -70,13 +70,14 @@ def check_record(record: Any, fields: Sequence[str], where: str) -> Record:
 def _check_prompt(prompt: Any, where: str) -> None:
     if isinstance(prompt, str):
         return
-    messages_ok = isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+    messages_ok = (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt)
     )
     if not messages_ok:
         raise ConfigurationError(
-            f"{where}: the field 'prompt' must be a string or a list of chat messages "
-            f'[{{"role": ..., "content": ...}}], got {json.dumps(prompt)[:80]}.'
+            f'{where}: the field \'prompt\' must be a string or a list of chat messages [{{"role": ..., "content": ...}}], got {json.dumps(prompt)[:80]}.'
         )
 
 
@@ -96,7 +97,9 @@ def render_prompts(records: Sequence[Record], tokenizer: Any, origin: str) -> li
     return out
 
 
-def encode_responses(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], eos_id: int, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def encode_responses(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], eos_id: int, device: torch.device | str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The layout the trainer scores: prompts left-padded to P, responses (and EOS) right-padded to T.
 
     Returns input_ids [B, P + T], attention_mask [B, P + T] (long), response ids [B, T] and response mask [B, T] (bool).

@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import attrs
 import torch
@@ -29,6 +29,18 @@ from proxim.train.prompts import columns
 
 if TYPE_CHECKING:
     from proxim.tasks import Task
+
+
+class RewardSettings(Protocol):
+    """The settings of a reward model among the rewards (`proxim.train.sections.Rewards` and ``trust_remote_code``)."""
+
+    @property
+    def reward_model(self) -> str | None: ...
+    @property
+    def reward_model_weight(self) -> float: ...
+    @property
+    def trust_remote_code(self) -> bool: ...
+
 
 RewardFn = Callable[..., Sequence[float]]
 """``fn(prompts, completions, **batch) -> list[float]``, one reward per completion."""
@@ -78,13 +90,12 @@ def build_rewards(
     task: Task | None,
     *,
     custom: Sequence[RewardSpec] | None = None,
-    reward_model: str | None = None,
-    reward_model_weight: float = 1.0,
-    trust_remote_code: bool = False,
+    model: RewardSettings | None = None,
     device: torch.device | str = "cpu",
 ) -> list[Reward]:
     """The rewards of a run: the `custom` callables when given, else the named `specs` ('task', 'module:fn',
-    'file.py:fn') with `weights` (default 1); plus the `reward_model` folder when given. Names are made unique."""
+    'file.py:fn') with `weights` (default 1); plus the reward model of `model` when it names one (its
+    ``reward_model`` folder, with its ``reward_model_weight``). Names are made unique."""
     out: list[Reward] = []
     if custom:
         for item in custom:
@@ -98,8 +109,9 @@ def build_rewards(
                 out.append(Reward(task.name, task.reward, w))
             else:
                 out.append(Reward(spec.rpartition(":")[2], load_function(spec), w))
-    if reward_model is not None:
-        out.append(Reward("reward_model", RewardModel(reward_model, device, trust_remote_code=trust_remote_code), reward_model_weight))
+    if model is not None and model.reward_model is not None:
+        scorer = RewardModel(model.reward_model, device, trust_remote_code=model.trust_remote_code)
+        out.append(Reward("reward_model", scorer, model.reward_model_weight))
     names = [r.name for r in out]
     return [attrs.evolve(r, name=f"{r.name}_{i}") if names.count(r.name) > 1 else r for i, r in enumerate(out)]
 
@@ -140,7 +152,9 @@ class RewardModel:
         return scores
 
 
-def score_rows(rewards: Sequence[Reward], rows: Sequence[Mapping[str, Any]], completions: Sequence[str], step: int) -> tuple[list[float], dict[str, list[float]]]:
+def score_rows(
+    rewards: Sequence[Reward], rows: Sequence[Mapping[str, Any]], completions: Sequence[str], step: int
+) -> tuple[list[float], dict[str, list[float]]]:
     """`score` the completions of prompt rows (the same number of completions for each row, in row order):
     every non-prompt column of the rows and ``step`` reach the reward functions."""
     repeat = len(completions) // max(len(rows), 1)

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from proxim.errors import ConfigurationError
 from proxim.train import checkpoint
@@ -23,7 +23,27 @@ from proxim.train.files import atomic_write
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from proxim.train.settings import Settings
+
+class RunSettings(Protocol):
+    """What the run folder and the session read of a recipe's configuration: its run settings, the model's
+    precision, and how it writes itself (every recipe configuration has these)."""
+
+    command: ClassVar[str]
+
+    @property
+    def output_dir(self) -> str: ...
+    @property
+    def tracker(self) -> str: ...
+    @property
+    def quiet(self) -> bool: ...
+    @property
+    def save_every(self) -> int: ...
+    @property
+    def keep_checkpoints(self) -> int: ...
+    @property
+    def mixed_precision(self) -> str: ...
+    def to_toml(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def default_name(label: str, source: str) -> str:
@@ -76,7 +96,7 @@ class RunFolder:
             with open(self.path / name, "a", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in records)
 
-    def write_config(self, config: Settings) -> None:
+    def write_config(self, config: RunSettings) -> None:
         """``config.toml`` (rerun with ``--config``) and ``config.json`` (what ``--resume`` reads)."""
         self.write_text("config.toml", config.to_toml())
         self.write_text("config.json", json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))

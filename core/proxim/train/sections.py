@@ -56,7 +56,11 @@ def _files(settings: Settings, *names: str) -> None:
 
 @section("objective")
 class Preset(Checked):
-    preset: str | None = setting(None, "objective preset (see `proxim plugins`); default grpo when no --baseline/--advantage/--region is given, else none (free composition)", none_word=False)
+    preset: str | None = setting(
+        None,
+        "objective preset (see `proxim plugins`); default grpo when no --baseline/--advantage/--region is given, else none (free composition)",
+        none_word=False,
+    )
 
 
 @section("objective")
@@ -83,7 +87,9 @@ class AdaptiveKL(Checked):
 
 @section("task and rewards")
 class TaskChoice(Checked):
-    task: str | None = setting("arithmetic", "registered task (arithmetic, reverse, count, or a plugin's): prompts, reward and held-out set; 'none' with a prompts_file")
+    task: str | None = setting(
+        "arithmetic", "registered task (arithmetic, reverse, count, or a plugin's): prompts, reward and held-out set; 'none' with a prompts_file"
+    )
     eval_size: int | None = setting(None, "held-out prompts to evaluate before and after training; default the task's (200)", min=1)
 
     def validate(self, context: CheckContext) -> None:
@@ -98,8 +104,10 @@ class TaskChoice(Checked):
 
 @section("task and rewards")
 class PromptFiles(Checked):
-    prompts_file: str | None = setting(None, "JSONL file of training prompts ({\"prompt\": ..., \"answer\": ..., other fields}), instead of the task's")
-    eval_prompts_file: str | None = setting(None, "JSONL file of held-out prompts; default: the task's held-out set, or the first eval_size rows of prompts_file")
+    prompts_file: str | None = setting(None, 'JSONL file of training prompts ({"prompt": ..., "answer": ..., other fields}), instead of the task\'s')
+    eval_prompts_file: str | None = setting(
+        None, "JSONL file of held-out prompts; default: the task's held-out set, or the first eval_size rows of prompts_file"
+    )
 
     def validate(self, context: CheckContext) -> None:
         _files(self, "prompts_file", "eval_prompts_file")
@@ -120,7 +128,10 @@ class Rewards(Checked):
 
 @section("task and rewards")
 class Records(Checked):
-    data: str | None = setting(None, "JSONL records for offline training: {prompt, chosen, rejected} pairs for --preset dpo/ipo/hinge and proxim reward-model, {prompt, response} for proxim sft; default: built from the task")
+    data: str | None = setting(
+        None,
+        "JSONL records for offline training: {prompt, chosen, rejected} pairs for --preset dpo/ipo/hinge and proxim reward-model, {prompt, response} for proxim sft; default: built from the task",
+    )
 
     def validate(self, context: CheckContext) -> None:
         _files(self, "data")
@@ -129,7 +140,11 @@ class Records(Checked):
 
 @section("task and rewards")
 class PreferencePairs(Checked):
-    preference_prompts: int = setting(16384, "default preference set: training prompts the initial policy answers twice (sampled); the better answer by task reward is chosen, ties are dropped (held out: 8 answers to each held-out prompt, paired two by two)", min=1)
+    preference_prompts: int = setting(
+        16384,
+        "default preference set: training prompts the initial policy answers twice (sampled); the better answer by task reward is chosen, ties are dropped (held out: 8 answers to each held-out prompt, paired two by two)",
+        min=1,
+    )
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -158,7 +173,10 @@ class Model(Checked):
 
 @section("model")
 class Init(Model):
-    init: str | None = setting(None, "start from this saved policy instead of --model, as is (no warm start): a proxim sft model/ folder or any local causal LM with its tokenizer; it is also the KL reference, and proxim reward-model's backbone")
+    init: str | None = setting(
+        None,
+        "start from this saved policy instead of --model, as is (no warm start): a proxim sft model/ folder or any local causal LM with its tokenizer; it is also the KL reference, and proxim reward-model's backbone",
+    )
 
     def validate(self, context: CheckContext) -> None:
         if self.init is not None and self.model is not None:
@@ -190,7 +208,9 @@ class Scoring(Checked):
 
 @section("warm start")
 class WarmStart(Checked):
-    warmstart_steps: int | None = setting(None, "supervised steps on the task's answers before RL (cached); default 600 for the built-in model, 0 for --model", min=0)
+    warmstart_steps: int | None = setting(
+        None, "supervised steps on the task's answers before RL (cached); default 600 for the built-in model, 0 for --model", min=0
+    )
     warmstart_lr: float = setting(1e-3, "supervised learning rate (linear warm-up over 100 updates)", min=0.0, min_open=True)
     warmstart_batch_size: int = setting(64, "supervised examples per step", min=1)
     cache_dir: str | None = setting(None, "warm-start cache; default $PROXIM_CACHE_DIR or ~/.cache/proxim")
@@ -202,13 +222,25 @@ class WarmStart(Checked):
         return 600 if start_model is None else 0
 
 
+@section("warm start")
+class Start(Init, WarmStart):
+    """Where a run starts: a model (`Init`) and its warm start; a directory given as ``init`` is used as is."""
+
+    def validate(self, context: CheckContext) -> None:
+        if self.init is not None and self.warmstart_steps:
+            raise ConfigurationError(f"init={self.init!r} is used as is, without a warm start; drop warmstart_steps, or give the directory as model instead.")
+        super().validate(context)
+
+
 # -- sampling --------------------------------------------------------------------------------------
 
 
 @section("sampling")
 class Steps(Checked):
     steps: int = setting(400, "training steps; each is one rollout and its updates (one batch of pairs offline)", min=1, resumable=True)
-    prompts_per_step: int = setting(32, "prompts per step, over all processes (divisible by the process count); preference pairs per step when training offline", min=1)
+    prompts_per_step: int = setting(
+        32, "prompts per step, over all processes (divisible by the process count); preference pairs per step when training offline", min=1
+    )
 
     def validate(self, context: CheckContext) -> None:
         if self.prompts_per_step % context.num_processes:
@@ -237,7 +269,11 @@ class Generation(Checked):
 @section("sampling")
 class Rollout(Checked):
     group_size: int = setting(8, "responses sampled per prompt (G)", min=1)
-    old_logprobs: str = setting("recompute", "old log-probs (the trust region's anchor, stage 1's KL): recompute (a policy forward after sampling) or sampler (the generator's own, recorded while sampling: one forward pass less per step; needs top_p=1)", choices=("recompute", "sampler"))
+    old_logprobs: str = setting(
+        "recompute",
+        "old log-probs (the trust region's anchor, stage 1's KL): recompute (a policy forward after sampling) or sampler (the generator's own, recorded while sampling: one forward pass less per step; needs top_p=1)",
+        choices=("recompute", "sampler"),
+    )
     generator: str = setting("hf", "hf (transformers generate) or vllm (needs vLLM installed)", choices=("hf", "vllm"))
     vllm_gpu_memory_utilization: float = setting(0.3, "vllm generator on GPU: fraction of GPU memory for the engine", min=0.0, min_open=True, max=1.0)
 
@@ -251,7 +287,11 @@ class Optimizer(Checked):
     adam_beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=1.0)
     adam_beta2: float = setting(0.99, "AdamW beta2", min=0.0, max=1.0)
     adam_eps: float = setting(1e-8, "AdamW epsilon", min=0.0, min_open=True)
-    lr_schedule: str = setting("constant", "learning-rate schedule after warm-up, over all optimiser updates (transformers' schedulers; the horizon is saved, so a resumed run continues the same curve)", choices=("constant", "linear", "cosine"))
+    lr_schedule: str = setting(
+        "constant",
+        "learning-rate schedule after warm-up, over all optimiser updates (transformers' schedulers; the horizon is saved, so a resumed run continues the same curve)",
+        choices=("constant", "linear", "cosine"),
+    )
     warmup_updates: int = setting(0, "optimiser updates of linear learning-rate warm-up", min=0)
     max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0: no clipping; the norm is still logged)", min=0.0)
     max_nonfinite: int = setting(5, "stop with an error (and a checkpoint) after this many non-finite updates in a row", min=1)
@@ -288,7 +328,9 @@ class Run(Checked):
     seed: int = setting(0, "seed of prompts, sampling, shuffling and the built-in model", min=0)
     save_every: int = setting(50, "checkpoint every N steps (0: only at the end and on interruption)", min=0, resumable=True)
     keep_checkpoints: int = setting(2, "checkpoints kept (oldest deleted)", min=1, resumable=True)
-    tracker: str = setting("auto", "accelerate tracker: auto (tensorboard when installed), tensorboard, none", choices=("auto", "tensorboard", "none"), resumable=True)
+    tracker: str = setting(
+        "auto", "accelerate tracker: auto (tensorboard when installed), tensorboard, none", choices=("auto", "tensorboard", "none"), resumable=True
+    )
     quiet: bool = setting(False, "no progress bar or progress messages (the final table is still printed)", resumable=True)
 
 
@@ -299,7 +341,9 @@ class RunName(Checked):
 
 @section("run")
 class Evaluation(Checked):
-    eval_every: int = setting(0, "also evaluate on the held-out set every N steps, logged as eval/* in metrics.jsonl (0: before and after only)", min=0, resumable=True)
+    eval_every: int = setting(
+        0, "also evaluate on the held-out set every N steps, logged as eval/* in metrics.jsonl (0: before and after only)", min=0, resumable=True
+    )
 
 
 @section("run")

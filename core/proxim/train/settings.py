@@ -12,20 +12,17 @@ The annotation is the setting's type (``str``, ``int``, ``float``, ``bool``, ``l
 ``list[float]``, ``dict[str, Any]``, each optionally ``| None``). From it and the `setting` call come:
 checks on construction (type, range, choices; `ConfigurationError` naming the setting), the conversions
 TOML and flags need (an integer where a number belongs, ``"none"`` for an empty optional setting whose
-default is not empty, since TOML has no null), the flags (`add_flags`), and TOML text (`Settings.to_toml`,
+default is not empty, since TOML has no null), the flags (`proxim.train.flags`), and TOML text (`Settings.to_toml`,
 written with tomli-w).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import json
 import math
 import os
 import sys
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -89,8 +86,15 @@ def setting(
     kept as a value). group: the ``--help`` group, when not the section's.
     """
     declaration = Declaration(
-        help=help, group=group, choices=tuple(choices) if choices else None, min=min, min_open=min_open, max=max,
-        metavar=metavar, resumable=resumable, none_word=none_word,
+        help=help,
+        group=group,
+        choices=tuple(choices) if choices else None,
+        min=min,
+        min_open=min_open,
+        max=max,
+        metavar=metavar,
+        resumable=resumable,
+        none_word=none_word,
     )
     metadata = {METADATA_KEY: declaration}
     if isinstance(default, (list, dict)):
@@ -224,17 +228,19 @@ def _typed_fields(cls: type, fields: list[attrs.Attribute[Any]]) -> list[attrs.A
             continue
         if METADATA_KEY not in a.metadata:
             raise TypeError(f"{cls.__qualname__}.{a.name}: declare settings with proxim.train.settings.setting(...)")
-        annotation = eval(a.type, namespace) if isinstance(a.type, str) else a.type  # noqa: S307 - the class's own annotation
+        annotation = eval(a.type, namespace) if isinstance(a.type, str) else a.type
         kind, nullable = _kind(annotation, f"{cls.__qualname__}.{a.name}")
         d = attrs.evolve(declaration(a), kind=kind, nullable=nullable, group=declaration(a).group or getattr(cls, "group", ""))
         default = a.default.factory() if isinstance(a.default, typing.cast("type[Any]", attrs.Factory)) else a.default
         _validate_declaration(cls, a.name, d, default)
-        out.append(a.evolve(
-            type=annotation,
-            metadata={METADATA_KEY: d},
-            validator=_check,
-            converter=attrs.Converter(_convert, takes_field=True),
-        ))
+        out.append(
+            a.evolve(
+                type=annotation,
+                metadata={METADATA_KEY: d},
+                validator=_check,
+                converter=attrs.Converter(_convert, takes_field=True),
+            )
+        )
     return out
 
 
@@ -305,58 +311,8 @@ def _check(instance: Any, field: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigurationError(f"{name} must be <= {d.max}, got {value!r}.")
 
 
-# -- command line ----------------------------------------------------------------------------------
-
-
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def add_flags(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
-    """One flag per setting of `cls`, in its ``--help`` group; flags not given stay absent from the namespace."""
-    used = {declaration(a).group for a in cls.fields()}
-    by_group = {g: parser.add_argument_group(f"{g} settings") for g in GROUPS if g in used}
-    for a in sorted(cls.fields(), key=lambda f: GROUPS.index(declaration(f).group)):
-        d = declaration(a)
-        default = cls.default(a.name)
-        shown = "none" if default is None else json.dumps(default) if isinstance(default, (list, dict)) else default
-        kwargs: dict[str, Any] = {"dest": a.name, "default": argparse.SUPPRESS, "help": f"{d.help} (default: {shown})".replace("%", "%%")}
-        if d.metavar:
-            kwargs["metavar"] = d.metavar
-        group, flag = by_group[d.group], flag_name(a.name)
-        if d.kind == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif d.kind == "dict":
-            group.add_argument(flag, action="append", **kwargs)
-        elif d.kind.startswith("list"):
-            group.add_argument(flag, nargs="*", type=float if d.kind == "list[float]" else str, **kwargs)
-        else:
-            parse: Callable[[str], Any] = {"str": str, "int": int, "float": float}[d.kind]
-            if d.choices:
-                kwargs["choices"] = d.choices
-            group.add_argument(flag, type=_nullable(parse) if d.nullable and d.none_word else parse, **kwargs)
-
-
-def _nullable(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        return None if text.strip().lower() == "none" else parse(text)
-
-    convert.__name__ = parse.__name__
-    return convert
-
-
-def flag_values(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]:
-    """The settings of `cls` given as flags (``--set``-style tables parsed to dicts)."""
-    values = {n: getattr(args, n) for n in cls.names() if hasattr(args, n)}
-    for a in cls.fields():
-        if declaration(a).kind == "dict" and a.name in values:
-            values[a.name] = parse_assignments(values[a.name], flag_name(a.name))
-    return values
-
-
-def resumable(cls: type[Settings]) -> list[str]:
-    """The settings of `cls` that may change when a run continues."""
-    return [a.name for a in cls.fields() if declaration(a).resumable]
 
 
 # -- values ----------------------------------------------------------------------------------------
@@ -375,26 +331,3 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             return dict(tomllib.load(fh))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigurationError(f"{path}: invalid TOML: {exc}") from exc
-
-
-def parse_value(text: str) -> Any:
-    """A ``--set`` value: a Python/TOML literal (1e-3, true, none, "x", [1, 2]) or else the bare string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_assignments(items: Iterable[str], flag: str = "--set") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigurationError(f"{flag} {item!r}: write KEY=VALUE, e.g. --set kl_coef=0.01.")
-        out[key.strip()] = parse_value(value)
-    return out

@@ -24,20 +24,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import torch
 
 from proxim.train import models
-from proxim.train.sections import SupervisedOptimizer
 from proxim.train.optimization import Optimization, parameter_groups
+from proxim.train.sections import SupervisedOptimizer
 from proxim.train.supervised import SupervisedStep, task_batches
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from proxim.tasks import Task
-    from proxim.train.sections import Model, WarmStart
     from proxim.train.reporting import Progress
+    from proxim.train.sections import Model, WarmStart
 
 RECIPE_VERSION = 2
 """Bump when the supervised recipe changes, so old cache entries are not reused (2: transformers' warm-up schedule)."""
@@ -113,7 +112,9 @@ def warm_start(
         tmp.mkdir(parents=True)
         models.save_model_dir(lm, tokenizer, tmp)
         record = {"task": task.name, "steps": steps, "lr": settings.warmstart_lr, "batch_size": settings.warmstart_batch_size, "seed": seed}
-        (tmp / "warmstart.json").write_text(json.dumps({**record, "final_loss": losses[-1] if losses else None, "model": model_identity}, indent=2, default=str))
+        (tmp / "warmstart.json").write_text(
+            json.dumps({**record, "final_loss": losses[-1] if losses else None, "model": model_identity}, indent=2, default=str)
+        )
         (tmp / "done").write_text("ok\n")
         if entry.exists():
             shutil.rmtree(entry, ignore_errors=True)
@@ -127,7 +128,14 @@ def warm_start(
 
 
 def initial_policy_dir(
-    model: Model, settings: WarmStart, task: Task | None, seed: int, run_dir: Path, accelerator: Accelerator, progress: Progress, resuming: bool,
+    model: Model,
+    settings: WarmStart,
+    task: Task | None,
+    seed: int,
+    run_dir: Path,
+    accelerator: Accelerator,
+    progress: Progress,
+    resuming: bool,
 ) -> Path:
     """The folder a run's policy (and its reference) load from: ``RUN/init``, where a new run saves its
     warm-started initial policy with its tokenizer; or the model directory as is, when there is no warm start."""
@@ -149,7 +157,12 @@ def initial_policy_dir(
 
 
 def initial_policy(
-    model: Model, settings: WarmStart, task: Task | None, seed: int, accelerator: Accelerator, progress: bool,
+    model: Model,
+    settings: WarmStart,
+    task: Task | None,
+    seed: int,
+    accelerator: Accelerator,
+    progress: bool,
 ) -> tuple[Any, Any, str | None]:
     """The policy a run starts from: the starting model (`models.start_policy`) after its warm start, on the
     accelerator's device; its tokenizer; and what the warm start did, in words (None when there was none)."""

@@ -25,9 +25,7 @@ class TruncatedIS(proxim.TrustRegion):
     """
 
     name: ClassVar[str] = "truncated_is"
-    properties: ClassVar[frozenset[str]] = frozenset(
-        {"pg_at_anchor", "value_at_anchor", "bounded_weight", "positively_homogeneous", "tokens_independent"}
-    )
+    properties: ClassVar[frozenset[str]] = frozenset({"pg_at_anchor", "value_at_anchor", "bounded_weight", "positively_homogeneous", "tokens_independent"})
 
     cap: float = attrs.field(default=5.0, validator=attrs.validators.ge(1.0))
 

@@ -22,7 +22,6 @@ import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -31,20 +30,21 @@ import torch
 import proxim
 from proxim.errors import ConfigurationError, TrainingError
 from proxim.ops import kl_estimate, masked_mean, masked_sum
-from proxim.train import checkpoint, distributed, models
+from proxim.train import distributed, models
 from proxim.train.config import TrainConfig
-from proxim.train.critic import ValueModel, build_critic, response_values
-from proxim.train.figures import Panel, Series, informative, write_figure
+from proxim.train.critic import build_critic, response_values
+from proxim.train.evaluation import evaluate_prompts
+from proxim.train.figures import informative, write_figure
 from proxim.train.generation import Generation, GeneratorContext, make_generator
 from proxim.train.logprobs import PolicyScorer, response_logprobs
-from proxim.train.loop import StepLoop, step_seed
+from proxim.train.loop import step_seed
 from proxim.train.optimization import Optimization, parameter_groups
-from proxim.train.evaluation import evaluate_prompts
+from proxim.train.panels import online_panels
 from proxim.train.prompts import columns, prompt_source
-from proxim.train.reporting import Progress
 from proxim.train.results import EvalResult, RunResult, summary_table
 from proxim.train.rewards import RewardSpec, build_rewards, score_rows
-from proxim.train.run_folder import RunFolder, default_name
+from proxim.train.run_folder import default_name
+from proxim.train.session import Session
 from proxim.train.warmstart import initial_policy_dir
 
 
@@ -76,36 +76,27 @@ class Trainer:
         # -- everything that can fail without a model, first ---------------------------------------
         if rewards and config.rewards != TrainConfig.default("rewards"):
             raise ConfigurationError(f"rewards are given twice: config.rewards={config.rewards} and rewards={list(rewards)}; give one of them.")
-        self.accelerator = acc = distributed.make_accelerator(c.mixed_precision, c.tracker, Path(resume).resolve().parent if resume else c.output_dir)
-        self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.session = session = Session(c, resume)
+        self.accelerator, self.rank, self.world = acc, rank, world = session.accelerator, session.rank, session.world
         self.registry = registry or proxim.default_registry()
-        checked = config.check(self.registry, self.world, custom_rewards=bool(rewards), custom_prompts=prompts is not None)
+        checked = config.check(self.registry, world, custom_rewards=bool(rewards), custom_prompts=prompts is not None)
         self.objective: proxim.Objective = objective if objective is not None else checked
         self.fingerprint = self.objective.fingerprint
         distributed.agree(acc, self.fingerprint, "objective fingerprint")
         distributed.agree(acc, json.dumps(config.to_dict(), sort_keys=True, default=str), "configuration")
         self.task = config.load_task(self.registry)
         self.prompts = prompt_source(
-            self.task, c.seed, rows=prompts, prompts_file=c.prompts_file, held_out=eval_prompts, eval_prompts_file=c.eval_prompts_file, eval_size=c.eval_size,
+            self.task, c.seed, rows=prompts, prompts_file=c.prompts_file, held_out=eval_prompts, eval_prompts_file=c.eval_prompts_file, eval_size=c.eval_size
         )
         self.max_new_tokens = c.max_new_tokens_for(self.task if c.prompts_file is None else None)
-        label = c.run_label() if objective is None else objective.preset or "custom"
-        self.folder = RunFolder.existing(resume, acc) if resume else RunFolder.create(c.output_dir, c.run_name or default_name(label, c.run_source()), acc)
-        self.progress = Progress(c.quiet, self.is_main)
+        session.open(c.run_name or default_name(c.run_label() if objective is None else objective.preset or "custom", c.run_source()))
         # -- models: the initial policy, a reference and a critic only when the objective needs them --
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training bar
-        self.init_dir = initial_policy_dir(c, c, self.task, c.seed, self.folder.path, acc, self.progress, resuming=resume is not None)
-        own_folder = self.init_dir == self.folder.path / "init"  # the tokenizer was saved beside the initial policy
-        self.tokenizer = models.load_tokenizer(self.init_dir if own_folder else c.tokenizer or self.init_dir, c.trust_remote_code)
-        lm = models.load_causal_lm(self.init_dir, c.trust_remote_code)
+        self.init_dir = initial_policy_dir(c, c, self.task, c.seed, session.path, acc, session.progress, resuming=resume is not None)
+        lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
         self.eos_ids = models.eos_ids(self.tokenizer, lm)
         self.n_params = sum(p.numel() for p in lm.parameters())
-        self.reference: PolicyScorer | None = None
-        if "ref_logprobs" in self.objective.requires or c.adaptive_kl:
-            frozen = models.load_causal_lm(self.init_dir, c.trust_remote_code).to(acc.device).eval().requires_grad_(False)
-            self.reference = PolicyScorer(frozen, c.logprob_chunk_size)
+        wants_reference = "ref_logprobs" in self.objective.requires or c.adaptive_kl
+        self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size) if wants_reference else None
         critic = build_critic(lm, c.critic_model, c.trust_remote_code) if self.objective.has_critic else None
         policy = PolicyScorer(lm, c.logprob_chunk_size)
         groups = [(policy, c.lr)] + ([(critic, c.critic_lr if c.critic_lr is not None else c.lr)] if critic is not None else [])
@@ -113,27 +104,34 @@ class Trainer:
         self.optimization = Optimization(acc, parameter_groups(groups), c, horizon=c.steps * self.updates_per_step)
         prepared = self.optimization.prepare(policy, *([critic] if critic is not None else []))
         self.policy, self.critic = prepared[0], prepared[1] if critic is not None else None
-        self.generator = make_generator(c.generator, GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + self.rank, c.generation_batch_size, c.vllm_gpu_memory_utilization))
-        self.rewards = build_rewards(
-            c.rewards, c.reward_weights, self.task, custom=rewards, reward_model=c.reward_model, reward_model_weight=c.reward_model_weight,
-            trust_remote_code=c.trust_remote_code, device=acc.device,
-        )
+        context = GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size, c.vllm_gpu_memory_utilization)
+        self.generator = make_generator(c.generator, context)
+        self.rewards = build_rewards(c.rewards, c.reward_weights, self.task, custom=rewards, device=acc.device, model=c)
         # -- where the run starts: step 0, or the latest checkpoint --------------------------------
-        self.start_step, self.time_before = 0, 0.0
         if resume is not None:
-            self._restore()
+            state = session.restore(self.trained_models(), self.optimization, self.fingerprint, updates=c.steps * self.updates_per_step)
+            if state.get("kl_coef") != self.objective.options.kl_coef:
+                self.objective = self.objective.override(kl_coef=float(state["kl_coef"]))
         self.generator.sync(self.lm)
-        self.kl_controller = proxim.AdaptiveKLController(value=self.objective.options.kl_coef, target=c.kl_target, horizon=c.kl_horizon) if c.adaptive_kl else None
+        kl_coef = self.objective.options.kl_coef
+        self.kl_controller = proxim.AdaptiveKLController(value=kl_coef, target=c.kl_target, horizon=c.kl_horizon) if c.adaptive_kl else None
 
     @property
     def local_batch(self) -> int:
         """Sequences per step on this process: its prompts x G."""
-        return int(self.config.prompts_per_step // self.world * self.config.group_size)
+        return self.config.prompts_per_step // self.world * self.config.group_size
 
     @property
     def lm(self) -> Any:
         """The policy's causal LM, unwrapped."""
         return self.accelerator.unwrap_model(self.policy).lm
+
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        """What a checkpoint holds: the policy, and the critic when there is one (unwrapped)."""
+        trained: dict[str, torch.nn.Module] = {"model": self.lm}
+        if self.critic is not None:
+            trained["critic"] = self.accelerator.unwrap_model(self.critic)
+        return trained
 
     # -- one step --------------------------------------------------------------------------------
     def step(self, step: int) -> dict[str, float]:
@@ -152,8 +150,7 @@ class Trainer:
         metrics.update(self.update(generation, batch, estimate, step))
         self.generator.sync(self.lm)
         self._adapt_kl(metrics, batch)
-        metrics["time/step"] = time.perf_counter() - t0
-        metrics["kl/coef"] = self.objective.options.kl_coef
+        metrics.update({"time/step": time.perf_counter() - t0, "kl/coef": self.objective.options.kl_coef})
         self._log_samples(step, rows, generation, scores)
         return {**distributed.reduce_mean(self.accelerator, metrics), "optim/skipped_total": float(self.optimization.nonfinite_total)}
 
@@ -177,9 +174,11 @@ class Trainer:
         old, ref, values = [], [], []
         if c.old_logprobs == "sampler":
             if generation.rollout_logprobs is None:
-                raise TrainingError(f"old_logprobs='sampler': the {c.generator} generator reported no log-probs for this sampling setting; use old_logprobs='recompute'.")
+                raise TrainingError(f"old_logprobs='sampler': the {c.generator} generator reported no log-probs here; use old_logprobs='recompute'.")
             old.append(generation.rollout_logprobs.float())
-        for idx in self._chunks(len(generation.completions)):
+        B = len(generation.completions)
+        size = c.micro_batch_size or c.minibatch_size or B
+        for idx in (torch.arange(i, min(i + size, B), device=acc.device) for i in range(0, B, size)):
             with acc.autocast():
                 if c.old_logprobs != "sampler":
                     old.append(response_logprobs(acc.unwrap_model(self.policy), generation, idx, c.temperature)[0])
@@ -187,7 +186,6 @@ class Trainer:
                     ref.append(response_logprobs(self.reference, generation, idx, c.temperature)[0])
                 if self.critic is not None:
                     values.append(response_values(acc.unwrap_model(self.critic), generation, idx))
-        B = len(generation.completions)
         return proxim.Rollout(
             old_logprobs=torch.cat(old),
             mask=generation.response_mask,
@@ -230,19 +228,16 @@ class Trainer:
                 skipped += update.skipped
                 norms += [] if update.grad_norm is None else [update.grad_norm]
         metrics = {k: float(v / max(count, 1)) for k, v in sums.items()}
-        metrics["optim/grad_norm"] = sum(norms) / len(norms) if norms else float("nan")
-        metrics["optim/lr"] = self.optimization.lr
-        metrics["optim/skipped"] = float(skipped)
-        return metrics
+        mean_norm = sum(norms) / len(norms) if norms else float("nan")
+        return {**metrics, "optim/grad_norm": mean_norm, "optim/lr": self.optimization.lr, "optim/skipped": float(skipped)}
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, label: str) -> EvalResult:
         """Greedy decoding of the held-out prompts, scored by the rewards; every completion in ``eval_<label>.jsonl``."""
-        result, records = evaluate_prompts(
-            self.prompts.eval_rows(), generator=self.generator, tokenizer=self.tokenizer, rewards=self.rewards, task=self.task,
-            max_new_tokens=self.max_new_tokens, rank=self.rank, world=self.world,
-        )
-        self.folder.write_jsonl(f"eval_{label}.jsonl", records)
+        where = {"rank": self.rank, "world": self.world, "max_new_tokens": self.max_new_tokens}
+        rows = self.prompts.eval_rows()
+        result, records = evaluate_prompts(rows, generator=self.generator, tokenizer=self.tokenizer, rewards=self.rewards, task=self.task, **where)
+        self.session.folder.write_jsonl(f"eval_{label}.jsonl", records)
         return result
 
     def periodic_evaluation(self, step: int) -> dict[str, float]:
@@ -252,83 +247,51 @@ class Trainer:
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
         """Train from the start step to ``config.steps``; evaluate before and after; write the run folder."""
-        c = self.config
-        self.folder.write_config(c)
-        self.folder.write_text("objective.txt", f"{self.objective!r}\n\nfingerprint: {self.fingerprint}\n")
-        history = self.folder.history(upto=self.start_step) if self.start_step else []
-        self.folder.start_metrics(history)
-        if not self.start_step:
-            self.folder.write_text("samples.jsonl", "")
-        self.progress.say(
-            f"run folder: {self.folder.path}\nobjective: {self.objective!r}\n"
+        c, session, folder = self.config, self.session, self.session.folder
+        session.begin()
+        folder.write_text("objective.txt", f"{self.objective!r}\n\nfingerprint: {self.fingerprint}\n")
+        if not session.start_step:
+            folder.write_text("samples.jsonl", "")
+        session.progress.say(
+            f"run folder: {folder.path}\nobjective: {self.objective!r}\n"
             f"model: {c.start_model() or 'built-in tiny Llama'} ({self.n_params / 1e6:.2f} M parameters); "
             f"reference: {'yes' if self.reference is not None else 'no'}; critic: {'yes' if self.critic is not None else 'no'}; "
             f"processes: {self.world}; device: {self.accelerator.device}"
         )
-        stored = self.folder.load_eval("before") if self.start_step else None
+        stored = folder.load_eval("before") if session.start_step else None
         before = EvalResult(**stored) if stored else self.evaluate("before")
-        self.folder.store_eval("before", attrs.asdict(before))
-        loop = StepLoop(
-            accelerator=self.accelerator, run=self.folder, total=c.steps, start=self.start_step, save_every=c.save_every, save=self.save,
-            progress=self.progress, describe=_describe, desc=self.objective.preset or "train", tracker_config=c.to_dict(), time_before=self.time_before,
+        folder.store_eval("before", attrs.asdict(before))
+        label = self.objective.preset or "custom"
+        outcome = session.run_steps(
+            self.step, total=c.steps, save=self.save, describe=_describe, desc=label, evaluate=self.periodic_evaluation, eval_every=c.eval_every
         )
-        outcome = loop.run_steps(self.step, self.periodic_evaluation, c.eval_every)
         if outcome.interrupted is not None:
-            self.progress.notice(f"interrupted (signal {outcome.interrupted}) after step {outcome.steps}; checkpoint in {self.folder.path / 'checkpoints'}. Continue with: proxim train --resume {self.folder.path}")
-            return RunResult(self.folder.path, outcome.steps, before, None, time.perf_counter() - self.t_start, outcome.train_time, outcome.interrupted)
+            return RunResult(folder.path, outcome.steps, before, None, time.perf_counter() - self.t_start, outcome.train_time, outcome.interrupted)
         after = self.evaluate("after")
-        self.folder.store_eval("after", attrs.asdict(after))
-        result = RunResult(self.folder.path, c.steps, before, after, time.perf_counter() - self.t_start, outcome.train_time)
-        if self.is_main:
-            models.save_model_dir(self.lm, self.tokenizer, self.folder.path / "model")
-            write_figure(self.folder.path / "plot.png", informative(run_panels(self.folder.history(), before, after)), title=f"{self.objective.preset or 'custom'} on {c.task or 'prompts'}: {c.steps} steps")
-        self.folder.write_summary(summary_table(result, self.objective.preset or "custom"))
+        folder.store_eval("after", attrs.asdict(after))
+        result = RunResult(folder.path, c.steps, before, after, time.perf_counter() - self.t_start, outcome.train_time)
+        if session.is_main:
+            models.save_model_dir(self.lm, self.tokenizer, folder.path / "model")
+            panels = informative(online_panels(folder.history(), before, after))
+            write_figure(folder.path / "plot.png", panels, title=f"{label} on {c.task or 'prompts'}: {c.steps} steps")
+        folder.write_summary(summary_table(result, label))
         self.generator.close()
         self.accelerator.wait_for_everyone()  # the main process writes the model and table; the others wait
         return result
 
     def save(self, completed: int, train_time: float) -> None:
         """Checkpoint the run after `completed` steps (collective)."""
-        state = {
-            "kl_coef": self.objective.options.kl_coef, "train_time": train_time, "fingerprint": self.fingerprint,
-            "world_size": self.world, "init_dir": str(self.init_dir), "proxim": proxim.__version__,
-        }
-        trained: dict[str, torch.nn.Module] = {"model": self.lm}
-        if self.critic is not None:
-            trained["critic"] = self.accelerator.unwrap_model(self.critic)
-        checkpoint.save(
-            self.folder.path, completed, accelerator=self.accelerator, models=trained, optimization=self.optimization,
-            state=state, config_toml=self.config.to_toml(), keep=self.config.keep_checkpoints,
-        )
+        state = {"kl_coef": self.objective.options.kl_coef, "fingerprint": self.fingerprint, "init_dir": str(self.init_dir), "proxim": proxim.__version__}
+        self.session.save(completed, train_time, self.trained_models(), self.optimization, state)
 
-    # -- helpers ---------------------------------------------------------------------------------
-    def _restore(self) -> None:
-        latest = checkpoint.latest(self.folder.path)
-        assert latest is not None  # RunFolder.existing checked it
-        trained: dict[str, torch.nn.Module] = {"model": self.lm}
-        if self.critic is not None:
-            trained["critic"] = self.accelerator.unwrap_model(self.critic)
-        state = checkpoint.load(latest, accelerator=self.accelerator, models=trained, optimization=self.optimization)
-        if state.get("fingerprint") != self.fingerprint:
-            raise TrainingError(f"--resume {self.folder.path}: the objective differs from the checkpoint's.\n  checkpoint: {state.get('fingerprint')}\n  now:        {self.fingerprint}")
-        if state.get("world_size") != self.world:
-            self.progress.say(f"warning: the checkpoint was written by {state.get('world_size')} processes, this run has {self.world}: prompts and sampling will differ from an uninterrupted run.")
-        if self.config.steps * self.updates_per_step > self.optimization.horizon and self.config.lr_schedule != "constant":
-            self.progress.say(f"note: the {self.config.lr_schedule} schedule spans the first {self.optimization.horizon} updates of this run; later updates keep its final learning rate.")
-        self.start_step, self.time_before = int(state["step"]), float(state.get("train_time", 0.0))
-        if state.get("kl_coef") != self.objective.options.kl_coef:
-            self.objective = self.objective.override(kl_coef=float(state["kl_coef"]))
-        self.progress.say(f"resuming {self.folder.path} from step {self.start_step} ({latest.name})")
-
-    def _chunks(self, n: int) -> list[torch.Tensor]:
-        size = self.config.micro_batch_size or self.config.minibatch_size or n
-        return [torch.arange(i, min(i + size, n), device=self.accelerator.device) for i in range(0, n, size)]
-
+    # -- the parts of a step's log -----------------------------------------------------------------
     def _rollout_metrics(self, rows: Sequence[Mapping[str, Any]], generation: Generation, scores: Scores, batch: proxim.Rollout) -> dict[str, float]:
         rewards, mask, B = scores.totals, batch.mask, batch.batch_size
         metrics = {
-            "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()) if B > 1 else 0.0,
-            "response/length": float(mask.sum(1).float().mean()), "response/truncated": float(generation.truncated.float().mean()),
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if B > 1 else 0.0,
+            "response/length": float(mask.sum(1).float().mean()),
+            "response/truncated": float(generation.truncated.float().mean()),
         }
         metrics.update({f"reward/{name}": sum(values) / len(values) for name, values in scores.parts.items()})
         answers = columns(rows, B // max(len(rows), 1)).get("answer")
@@ -347,54 +310,21 @@ class Trainer:
     def _log_samples(self, step: int, rows: Sequence[Mapping[str, Any]], generation: Generation, scores: Scores) -> None:
         from accelerate.utils import gather_object
 
-        G = len(generation.completions) // max(len(rows), 1)
-        totals = scores.totals.tolist()
+        G, totals = len(generation.completions) // max(len(rows), 1), scores.totals.tolist()
         samples = [
-            {"step": step, "prompt": rows[i // G]["prompt"], "completion": generation.completions[i], "reward": totals[i], **{k: v[i] for k, v in scores.parts.items()}}
+            {
+                "step": step,
+                "prompt": rows[i // G]["prompt"],
+                "completion": generation.completions[i],
+                "reward": totals[i],
+                **{k: v[i] for k, v in scores.parts.items()},
+            }
             for i in range(0, len(totals), max(1, G))[: self.config.log_samples]
         ]
-        self.folder.append_jsonl("samples.jsonl", gather_object(samples) if self.world > 1 else samples)
+        self.session.folder.append_jsonl("samples.jsonl", gather_object(samples) if self.world > 1 else samples)
 
 
 def _describe(record: Mapping[str, float]) -> dict[str, str]:
     kl = record.get("kl/ref", record.get("region/approx_kl", float("nan")))
     shown = {"reward": f"{record['reward/mean']:.3f}", "kl": f"{kl:.4f}"}
     return {**shown, "acc": f"{record['reward/accuracy']:.2f}"} if "reward/accuracy" in record else shown
-
-
-def run_panels(history: Sequence[Mapping[str, float]], before: EvalResult | None = None, after: EvalResult | None = None) -> list[Panel]:
-    """The panels of an online run's plot (diagnostics that stay at zero are dropped by `informative`)."""
-
-    def series(key: str, label: str | None = None, style: str = "auto") -> Series:
-        return Series(label or key, [(h["step"], h[key]) for h in history if key in h], style=style)  # type: ignore[arg-type]
-
-    parts = sorted({k for h in history for k in h if k.startswith("reward/")} - {"reward/mean", "reward/std", "reward/accuracy"})
-    rewards = [series("reward/mean", "mean (train)"), *(series(k) for k in parts if len(parts) > 1)]
-    held_out: list[tuple[float, float]] = [(0.0, before.accuracy)] if before is not None and before.accuracy is not None else []
-    held_out += [(history[-1]["step"], after.accuracy)] if history and after is not None and after.accuracy is not None else []
-    evaluated = sorted(held_out + [(h["step"], h["eval/accuracy"]) for h in history if "eval/accuracy" in h])
-    region = sorted({k for h in history for k in h if k.startswith("region/") and any(w in k for w in ("clip", "frac", "mask"))})
-    return [
-        Panel("Reward", "reward", rewards, essential=True),
-        Panel("Accuracy", "accuracy", [series("reward/accuracy", "train (sampled)"), Series("held-out (greedy)", evaluated, style="dashed")], percent=True, essential=True),
-        Panel("KL", "nats / token", [series("kl/ref", "sampling policy to reference"), series("loss/kl", "policy to reference (in the loss)"), series("region/approx_kl", "policy to old policy")]),
-        Panel("Trust region", "fraction of tokens", [series(k) for k in region], percent=True),
-        Panel("Loss", "loss", [series(k) for k in ("loss/total", "loss/policy", "loss/value", "loss/entropy")]),
-        Panel("Gradient norm", "L2 norm (before clipping)", [series("optim/grad_norm")]),
-        Panel("Response length", "tokens", [series("response/length")]),
-    ]
-
-
-def train(
-    config: TrainConfig | None = None,
-    *,
-    objective: proxim.Objective | None = None,
-    rewards: Sequence[RewardSpec] | None = None,
-    prompts: Iterable[Mapping[str, Any]] | None = None,
-    eval_prompts: Iterable[Mapping[str, Any]] | None = None,
-    resume: str | os.PathLike[str] | None = None,
-    registry: proxim.Registry | None = None,
-) -> RunResult:
-    """One online RL run (see `Trainer` for the arguments); returns its `RunResult`."""
-    trainer = Trainer(config or TrainConfig(), objective=objective, rewards=rewards, prompts=prompts, eval_prompts=eval_prompts, resume=resume, registry=registry)
-    return trainer.run()

@@ -28,22 +28,23 @@ import attrs
 import torch
 
 import proxim
-from proxim.errors import ConfigurationError, TrainingError
-from proxim.train import checkpoint, distributed, models
+from proxim.errors import ConfigurationError
+from proxim.train import distributed, models
 from proxim.train.config import PreferenceConfig
 from proxim.train.evaluation import evaluate_prompts
-from proxim.train.figures import Panel, Series, informative, write_figure
+from proxim.train.figures import informative, write_figure
 from proxim.train.generation import GeneratorContext, make_generator
 from proxim.train.logprobs import PolicyScorer
-from proxim.train.loop import StepLoop
 from proxim.train.optimization import Optimization, parameter_groups
+from proxim.train.panels import preference_panels
 from proxim.train.preferences import preference_set
 from proxim.train.prompts import NoPrompts, TaskSource
 from proxim.train.records import Record, sequence_logprobs
-from proxim.train.reporting import Progress, before_after_table, number, pct
+from proxim.train.reporting import before_after_table, number, pct
 from proxim.train.results import EvalResult, RunResult
 from proxim.train.rewards import build_rewards
-from proxim.train.run_folder import RunFolder, default_name
+from proxim.train.run_folder import default_name
+from proxim.train.session import Session
 from proxim.train.warmstart import initial_policy_dir
 
 EVAL_BATCH = 64
@@ -74,34 +75,32 @@ class PreferenceRunResult(RunResult):
 class PreferenceTrainer:
     """An offline run of a `proxim.PreferenceObjective`, fully built by its constructor; `run()` trains."""
 
-    def __init__(self, config: PreferenceConfig, *, objective: proxim.PreferenceObjective | None = None, resume: str | os.PathLike[str] | None = None, registry: proxim.Registry | None = None):
+    def __init__(
+        self,
+        config: PreferenceConfig,
+        *,
+        objective: proxim.PreferenceObjective | None = None,
+        resume: str | os.PathLike[str] | None = None,
+        registry: proxim.Registry | None = None,
+    ):
         self.t_start = time.perf_counter()
         c = self.config = config
-        self.accelerator = acc = distributed.make_accelerator(c.mixed_precision, c.tracker, Path(resume).resolve().parent if resume else c.output_dir)
-        self.rank, self.world, self.is_main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.session = session = Session(c, resume)
+        self.accelerator, self.rank, self.world = acc, rank, world = session.accelerator, session.rank, session.world
         self.registry = registry or proxim.default_registry()
-        checked = config.check(self.registry, self.world)
+        checked = config.check(self.registry, world)
         self.objective = objective if objective is not None else checked
-        if not isinstance(self.objective, proxim.PreferenceObjective):
-            raise ConfigurationError(f"{self.objective!r} is not a preference objective; train it online with proxim train.")
         distributed.agree(acc, self.objective.fingerprint, "objective fingerprint")
         self.task = config.load_task(self.registry)
         self.prompts = TaskSource(self.task, c.seed, c.eval_size) if self.task is not None else NoPrompts()
-        source = Path(c.data).stem if c.data else c.task or "pairs"
-        self.folder = RunFolder.existing(resume, acc) if resume else RunFolder.create(c.output_dir, c.run_name or default_name(self.name, source), acc)
-        self.progress = Progress(c.quiet, self.is_main)
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        session.open(c.run_name or default_name(self.name, Path(c.data).stem if c.data else c.task or "pairs"))
         # -- the policy and its frozen reference: the same initial policy ----------------------------
-        self.init_dir = initial_policy_dir(c, c, self.task, c.seed, self.folder.path, acc, self.progress, resuming=resume is not None)
-        own_folder = self.init_dir == self.folder.path / "init"
-        self.tokenizer = models.load_tokenizer(self.init_dir if own_folder else c.tokenizer or self.init_dir, c.trust_remote_code)
-        lm = models.load_causal_lm(self.init_dir, c.trust_remote_code).to(acc.device)
+        self.init_dir = initial_policy_dir(c, c, self.task, c.seed, session.path, acc, session.progress, resuming=resume is not None)
+        lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
+        lm.to(acc.device)
         self.eos_ids = models.eos_ids(self.tokenizer, lm)
         self.n_params = sum(p.numel() for p in lm.parameters())
-        frozen = models.load_causal_lm(self.init_dir, c.trust_remote_code).to(acc.device).eval().requires_grad_(False)
-        self.reference = PolicyScorer(frozen, c.logprob_chunk_size)
+        self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size)
         self.pairs = preference_set(c, self.task, lm, self.tokenizer, self.eos_ids, acc)  # from the initial policy
         for what, rows in (("training", self.pairs.train), ("held-out", self.pairs.held_out)):
             if not rows:
@@ -110,15 +109,10 @@ class PreferenceTrainer:
         policy = PolicyScorer(lm, c.logprob_chunk_size)
         self.optimization = Optimization(acc, parameter_groups([(policy, c.lr)]), c, horizon=c.steps)
         (self.policy,) = self.optimization.prepare(policy)
-        self.generator = make_generator("hf", GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + self.rank, c.generation_batch_size))
+        self.generator = make_generator("hf", GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size))
         self.rewards = build_rewards(["task"], [], self.task) if self.task is not None else []
-        self.start_step, self.time_before = 0, 0.0
         if resume is not None:
-            state = checkpoint.load(checkpoint.latest(self.folder.path) or self.folder.path, accelerator=acc, models={"model": self.lm}, optimization=self.optimization)
-            if state.get("fingerprint") != self.objective.fingerprint:
-                raise TrainingError(f"--resume {self.folder.path}: the objective differs from the checkpoint's.\n  checkpoint: {state.get('fingerprint')}\n  now:        {self.objective.fingerprint}")
-            self.start_step, self.time_before = int(state["step"]), float(state.get("train_time", 0.0))
-            self.progress.say(f"resuming {self.folder.path} from step {self.start_step}")
+            session.restore({"model": self.lm}, self.optimization, self.objective.fingerprint)
 
     @property
     def name(self) -> str:
@@ -147,7 +141,13 @@ class PreferenceTrainer:
 
         update = self.optimization.update([rows[i : i + size] for i in range(0, len(rows), size)], loss_of)
         metrics = {k: float(v) for k, v in sums.items()}
-        metrics.update({"optim/grad_norm": float("nan") if update.grad_norm is None else update.grad_norm, "optim/lr": self.optimization.lr, "optim/skipped": float(update.skipped)})
+        metrics.update(
+            {
+                "optim/grad_norm": float("nan") if update.grad_norm is None else update.grad_norm,
+                "optim/lr": self.optimization.lr,
+                "optim/skipped": float(update.skipped),
+            }
+        )
         metrics["time/step"] = time.perf_counter() - t0
         return {**distributed.reduce_mean(acc, metrics), "optim/skipped_total": float(self.optimization.nonfinite_total)}
 
@@ -180,21 +180,29 @@ class PreferenceTrainer:
             ref_chosen.append(ref[:b])
             ref_rejected.append(ref[b:])
         c, r = torch.cat(chosen), torch.cat(rejected)
-        m = self.objective.loss(chosen_logprobs=c, rejected_logprobs=r, ref_chosen_logprobs=torch.cat(ref_chosen), ref_rejected_logprobs=torch.cat(ref_rejected)).metrics
+        m = self.objective.loss(
+            chosen_logprobs=c, rejected_logprobs=r, ref_chosen_logprobs=torch.cat(ref_chosen), ref_rejected_logprobs=torch.cat(ref_rejected)
+        ).metrics
         return PairEval(len(rows), float((c > r).double().mean()), float(m["preference/accuracy"]), float(m["loss/preference"]), float(m["preference/margin"]))
 
     def evaluate(self, label: str) -> tuple[EvalResult | None, PairEval]:
         """The held-out pairs, and with a task its held-out prompts; both stored in ``eval.json`` under `label`."""
         pairs = self.evaluate_pairs(self.pairs.held_out)
-        self.folder.store_eval(f"pairs_{label}", attrs.asdict(pairs))
+        self.session.folder.store_eval(f"pairs_{label}", attrs.asdict(pairs))
         if self.task is None:
             return None, pairs
         task, records = evaluate_prompts(
-            self.prompts.eval_rows(), generator=self.generator, tokenizer=self.tokenizer, rewards=self.rewards, task=self.task,
-            max_new_tokens=self.config.max_new_tokens_for(self.task), rank=self.rank, world=self.world,
+            self.prompts.eval_rows(),
+            generator=self.generator,
+            tokenizer=self.tokenizer,
+            rewards=self.rewards,
+            task=self.task,
+            max_new_tokens=self.config.max_new_tokens_for(self.task),
+            rank=self.rank,
+            world=self.world,
         )
-        self.folder.write_jsonl(f"eval_{label}.jsonl", records)
-        self.folder.store_eval(label, attrs.asdict(task))
+        self.session.folder.write_jsonl(f"eval_{label}.jsonl", records)
+        self.session.folder.store_eval(label, attrs.asdict(task))
         return task, pairs
 
     def periodic_evaluation(self, step: int) -> dict[str, float]:
@@ -204,71 +212,48 @@ class PreferenceTrainer:
 
     # -- the run ---------------------------------------------------------------------------------
     def run(self) -> PreferenceRunResult:
-        c = self.config
-        self.folder.write_config(c)
-        self.folder.start_metrics(self.folder.history(upto=self.start_step) if self.start_step else [])
-        self.progress.say(
-            f"run folder: {self.folder.path}\nobjective: {self.objective!r}\n"
+        c, session, folder = self.config, self.session, self.session.folder
+        session.begin()
+        session.progress.say(
+            f"run folder: {folder.path}\nobjective: {self.objective!r}\n"
             f"pairs: {len(self.pairs.train)} training, {len(self.pairs.held_out)} held out ({self.pairs.origin})\n"
             f"model: {c.start_model() or 'built-in tiny Llama'} ({self.n_params / 1e6:.2f} M parameters); reference: the initial policy; "
             f"processes: {self.world}; device: {self.accelerator.device}"
         )
         before, pairs_before = self._stored("before") or self.evaluate("before")
-        loop = StepLoop(
-            accelerator=self.accelerator, run=self.folder, total=c.steps, start=self.start_step, save_every=c.save_every, save=self.save,
-            progress=self.progress, describe=_describe, desc=self.name, tracker_config=c.to_dict(), time_before=self.time_before,
+        outcome = session.run_steps(
+            self.step, total=c.steps, save=self.save, describe=_describe, desc=self.name, evaluate=self.periodic_evaluation, eval_every=c.eval_every
         )
-        outcome = loop.run_steps(self.step, self.periodic_evaluation, c.eval_every)
-        wall = time.perf_counter() - self.t_start
         if outcome.interrupted is not None:
-            self.progress.notice(f"interrupted (signal {outcome.interrupted}) after step {outcome.steps}. Continue with: proxim train --resume {self.folder.path}")
-            return PreferenceRunResult(self.folder.path, outcome.steps, before, None, wall, outcome.train_time, outcome.interrupted, pairs_before, None)
+            wall = time.perf_counter() - self.t_start
+            return PreferenceRunResult(folder.path, outcome.steps, before, None, wall, outcome.train_time, outcome.interrupted, pairs_before, None)
         after, pairs_after = self.evaluate("after")
-        result = PreferenceRunResult(self.folder.path, c.steps, before, after, time.perf_counter() - self.t_start, outcome.train_time, None, pairs_before, pairs_after)
-        if self.is_main:
-            models.save_model_dir(self.lm, self.tokenizer, self.folder.path / "model")
-            write_figure(self.folder.path / "plot.png", informative(preference_panels(self.folder.history())), title=f"{self.name} on {self.pairs.origin}: {c.steps} steps")
-        self.folder.write_summary(preference_table(result, self.name))
+        wall = time.perf_counter() - self.t_start
+        result = PreferenceRunResult(folder.path, c.steps, before, after, wall, outcome.train_time, None, pairs_before, pairs_after)
+        if session.is_main:
+            models.save_model_dir(self.lm, self.tokenizer, folder.path / "model")
+            panels = informative(preference_panels(folder.history()))
+            write_figure(folder.path / "plot.png", panels, title=f"{self.name} on {self.pairs.origin}: {c.steps} steps")
+        folder.write_summary(preference_table(result, self.name))
         self.accelerator.wait_for_everyone()
         return result
 
     def save(self, completed: int, train_time: float) -> None:
         """Checkpoint the run after `completed` steps (collective)."""
-        state = {"train_time": train_time, "fingerprint": self.objective.fingerprint, "world_size": self.world, "proxim": proxim.__version__}
-        checkpoint.save(
-            self.folder.path, completed, accelerator=self.accelerator, models={"model": self.lm}, optimization=self.optimization,
-            state=state, config_toml=self.config.to_toml(), keep=self.config.keep_checkpoints,
-        )
+        state = {"fingerprint": self.objective.fingerprint, "proxim": proxim.__version__}
+        self.session.save(completed, train_time, {"model": self.lm}, self.optimization, state)
 
     def _stored(self, label: str) -> tuple[EvalResult | None, PairEval] | None:
         """The evaluation a resumed run made before it was interrupted."""
-        pairs = self.folder.load_eval(f"pairs_{label}") if self.start_step else None
+        pairs = self.session.folder.load_eval(f"pairs_{label}") if self.session.start_step else None
         if pairs is None:
             return None
-        task = self.folder.load_eval(label)
+        task = self.session.folder.load_eval(label)
         return (EvalResult(**task) if task else None), PairEval(**pairs)
 
 
 def _describe(record: Mapping[str, float]) -> dict[str, str]:
     return {"loss": f"{record['loss/preference']:.3f}", "acc": f"{record['preference/accuracy']:.2f}", "margin": f"{record['preference/margin']:.2f}"}
-
-
-def preference_panels(history: Sequence[Mapping[str, float]]) -> list[Panel]:
-    """The panels of an offline run's plot (empty ones are dropped by `informative`)."""
-
-    def series(key: str, label: str | None = None, style: str = "auto") -> Series:
-        return Series(label or key, [(h["step"], h[key]) for h in history if key in h], style=style)  # type: ignore[arg-type]
-
-    return [
-        Panel("Preference loss", "loss", [series("loss/preference")], essential=True),
-        Panel("Pairwise accuracy", "pairs", [
-            series("preference/accuracy", "train (implicit reward)"), series("eval/preference_accuracy", "held-out (log-prob)", "dashed"),
-            series("eval/reward_accuracy", "held-out (implicit reward)", "dotted"),
-        ], percent=True, essential=True),
-        Panel("Implicit-reward margin", "nats", [series("preference/margin")]),
-        Panel("Task accuracy", "accuracy", [series("eval/accuracy", "held-out (greedy)", "dashed")], percent=True, essential=True),
-        Panel("Gradient norm", "L2 norm (before clipping)", [series("optim/grad_norm")]),
-    ]
 
 
 def preference_table(result: PreferenceRunResult, label: str) -> str:
@@ -291,6 +276,12 @@ def preference_table(result: PreferenceRunResult, label: str) -> str:
     return before_after_table(f"held-out evaluation ({n} pairs) -- {label}, {result.steps} steps", rows, footer)
 
 
-def train_offline(config: PreferenceConfig, *, objective: proxim.PreferenceObjective | None = None, resume: str | os.PathLike[str] | None = None, registry: proxim.Registry | None = None) -> PreferenceRunResult:
+def train_offline(
+    config: PreferenceConfig,
+    *,
+    objective: proxim.PreferenceObjective | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    registry: proxim.Registry | None = None,
+) -> PreferenceRunResult:
     """One offline run of a preference objective (``config.preset`` dpo, ipo or hinge, or `objective`)."""
     return PreferenceTrainer(config, objective=objective, resume=resume, registry=registry).run()

@@ -30,15 +30,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import proxim
-from proxim.train import checkpoint, distributed, models
+from proxim.tasks import Task
+from proxim.train import distributed, models
 from proxim.train.config import RewardModelConfig
-from proxim.train.figures import Panel, Series, informative, write_figure
-from proxim.train.loop import StepLoop
+from proxim.train.figures import informative, write_figure
 from proxim.train.optimization import Optimization, parameter_groups
-from proxim.train.preferences import preference_set
+from proxim.train.panels import reward_model_panels
+from proxim.train.preferences import PreferenceSet, preference_set
 from proxim.train.records import Record
-from proxim.train.reporting import Progress, before_after_table, number, pct
-from proxim.train.run_folder import RunFolder, default_name
+from proxim.train.reporting import before_after_table, number, pct
+from proxim.train.run_folder import default_name
+from proxim.train.session import Session
 from proxim.train.warmstart import initial_policy
 
 EVAL_BATCH = 64
@@ -91,59 +93,35 @@ def evaluate_pairs(model: Any, tokenizer: Any, rows: Sequence[Record]) -> Pairwi
     return PairwiseEval(len(rows), float((c > r).double().mean()), float(bradley_terry_loss(c, r)), float((c - r).mean()))
 
 
-def train_reward_model(config: RewardModelConfig, *, resume: str | os.PathLike[str] | None = None, registry: proxim.Registry | None = None) -> RewardModelResult:
+def train_reward_model(
+    config: RewardModelConfig, *, resume: str | os.PathLike[str] | None = None, registry: proxim.Registry | None = None
+) -> RewardModelResult:
     """Train and save a reward model; see the module docstring."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     t_start = time.perf_counter()
     reg = registry or proxim.default_registry()
     config.check(reg)  # every record of --data too, before any model is built
-    hf_logging.disable_progress_bar()
-    acc = distributed.make_accelerator(config.mixed_precision, config.tracker, Path(resume).resolve().parent if resume else config.output_dir)
+    session = Session(config, resume)
+    acc = session.accelerator
     task = config.load_task(reg)
-    source_name = Path(config.data).stem if config.data else config.task or "pairs"
-    run = RunFolder.existing(resume, acc) if resume else RunFolder.create(config.output_dir, config.run_name or default_name("rm", source_name), acc)
-    progress = Progress(config.quiet, acc.is_main_process)
-    run.write_config(config)
-    # -- the starting policy samples the built-in pairs, and its backbone becomes the reward model's ----------
-    backbone = Path(config.init) if config.init is not None else run.path / "init"
-    if config.init is None and not (backbone / "config.json").is_file():
-        lm, tokenizer, message = initial_policy(config, config, task, config.seed, acc, progress.enabled)
-        progress.say(message or "no warm start")
-        if acc.is_main_process:
-            models.save_model_dir(lm, tokenizer, backbone)
-        acc.wait_for_everyone()
-    lm = models.load_causal_lm(backbone, config.trust_remote_code).to(acc.device)
-    tokenizer = models.load_tokenizer(config.tokenizer or backbone, config.trust_remote_code)
-    pairs = preference_set(config, task, lm, tokenizer, models.eos_ids(tokenizer, lm), acc)
-    del lm
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # not the load report: that the score head is new is the point
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)  # the score head's initialisation
-            model = AutoModelForSequenceClassification.from_pretrained(str(backbone), num_labels=1, dtype=torch.float32, trust_remote_code=config.trust_remote_code)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = int(tokenizer.pad_token_id)  # where the score is read; saved with the model
-    progress.say(f"run folder: {run.path}\nbackbone: {backbone} (with a new score head, Linear(hidden, 1)); pairs: {len(pairs.train)} training, {len(pairs.held_out)} held out ({pairs.origin}); device: {acc.device}")
+    session.open(config.run_name or default_name("rm", Path(config.data).stem if config.data else config.task or "pairs"))
+    model, tokenizer, pairs, backbone = _reward_model_and_pairs(session, config, task)
+    session.progress.say(
+        f"run folder: {session.path}\nbackbone: {backbone} (with a new score head, Linear(hidden, 1)); "
+        f"pairs: {len(pairs.train)} training, {len(pairs.held_out)} held out ({pairs.origin}); device: {acc.device}"
+    )
     optimization = Optimization(acc, parameter_groups([(model, config.lr)]), config, horizon=config.steps)
     (prepared,) = optimization.prepare(model)
-    found = run.load_eval("before") if resume else None
-    before = PairwiseEval(**found) if found else evaluate_pairs(acc.unwrap_model(prepared), tokenizer, pairs.held_out)
-    run.store_eval("before", attrs.asdict(before))
-    start, time_before = 0, 0.0
+    found = session.folder.load_eval("before") if resume else None
+    before = PairwiseEval(**found) if found else evaluate_pairs(model, tokenizer, pairs.held_out)
+    session.folder.store_eval("before", attrs.asdict(before))
     if resume is not None:
-        state = checkpoint.load(checkpoint.latest(run.path) or run.path, accelerator=acc, models={"model": acc.unwrap_model(prepared)}, optimization=optimization)
-        start, time_before = int(state["step"]), float(state.get("train_time", 0.0))
-    run.start_metrics(run.history(upto=start) if start else [])
+        session.restore({"model": model}, optimization)
+    session.begin()
     source = pairs.source(config.seed)
 
     def step(k: int) -> dict[str, float]:
-        rows = source.batch(k, acc.process_index, acc.num_processes, config.prompts_per_step // acc.num_processes)
+        rows = source.batch(k, session.rank, session.world, config.prompts_per_step // session.world)
         size = config.micro_batch_size or len(rows)
-        parts = [rows[i : i + size] for i in range(0, len(rows), size)]
         chosen, rejected = [], []
 
         def loss_of(part: Sequence[Record]) -> Tensor:
@@ -154,52 +132,72 @@ def train_reward_model(config: RewardModelConfig, *, resume: str | os.PathLike[s
             return bradley_terry_loss(c, r) * (len(part) / len(rows))
 
         prepared.train()
-        update = optimization.update(parts, loss_of)
+        update = optimization.update([rows[i : i + size] for i in range(0, len(rows), size)], loss_of)
         c, r = torch.cat(chosen), torch.cat(rejected)
-        metrics = {
-            "loss/bradley_terry": float(update.loss), "reward/accuracy": float((c > r).double().mean()), "reward/margin": float((c - r).mean()),
-            "optim/grad_norm": float("nan") if update.grad_norm is None else update.grad_norm, "optim/lr": optimization.lr, "optim/skipped": float(update.skipped),
-        }
+        metrics = {"loss/bradley_terry": float(update.loss), "reward/accuracy": float((c > r).double().mean()), "reward/margin": float((c - r).mean())}
+        metrics.update(
+            {
+                "optim/grad_norm": float("nan") if update.grad_norm is None else update.grad_norm,
+                "optim/lr": optimization.lr,
+                "optim/skipped": float(update.skipped),
+            }
+        )
         return {**distributed.reduce_mean(acc, metrics), "optim/skipped_total": float(optimization.nonfinite_total)}
 
     def save(completed: int, train_time: float) -> None:
-        checkpoint.save(run.path, completed, accelerator=acc, models={"model": acc.unwrap_model(prepared)}, optimization=optimization,
-                        state={"train_time": train_time, "proxim": proxim.__version__}, config_toml=config.to_toml(), keep=config.keep_checkpoints)
+        session.save(completed, train_time, {"model": model}, optimization, {"proxim": proxim.__version__})
 
-    loop = StepLoop(accelerator=acc, run=run, total=config.steps, start=start, save_every=config.save_every, save=save, progress=progress,
-                    describe=_describe, desc="reward model", tracker_config=config.to_dict(), time_before=time_before)
-    outcome = loop.run_steps(step)
+    outcome = session.run_steps(step, total=config.steps, save=save, describe=_describe, desc="reward model")
     if outcome.interrupted is not None:
-        progress.notice(f"interrupted (signal {outcome.interrupted}) after step {outcome.steps}. Continue with: proxim reward-model --resume {run.path}")
-        return RewardModelResult(run.path, outcome.steps, before, None, time.perf_counter() - t_start, outcome.interrupted)
-    model = acc.unwrap_model(prepared)
+        return RewardModelResult(session.path, outcome.steps, before, None, time.perf_counter() - t_start, outcome.interrupted)
     after = evaluate_pairs(model, tokenizer, pairs.held_out)
-    run.store_eval("after", attrs.asdict(after))
-    result = RewardModelResult(run.path, config.steps, before, after, time.perf_counter() - t_start)
-    if acc.is_main_process:
-        models.save_model_dir(model, tokenizer, run.path / "model")
-        write_figure(run.path / "plot.png", informative(reward_model_panels(run.history())), title=f"reward model on {pairs.origin}: {config.steps} steps")
-    run.write_summary(reward_model_table(result))
+    session.folder.store_eval("after", attrs.asdict(after))
+    result = RewardModelResult(session.path, config.steps, before, after, time.perf_counter() - t_start)
+    if session.is_main:
+        models.save_model_dir(model, tokenizer, session.path / "model")
+        panels = informative(reward_model_panels(session.folder.history()))
+        write_figure(session.path / "plot.png", panels, title=f"reward model on {pairs.origin}: {config.steps} steps")
+    session.folder.write_summary(reward_model_table(result))
     acc.wait_for_everyone()
     return result
 
 
+def _reward_model_and_pairs(session: Session, config: RewardModelConfig, task: Task | None) -> tuple[Any, Any, PreferenceSet, Path]:
+    """The reward model (the backbone with a new score head), its tokenizer, the pairs and the backbone's folder.
+
+    The backbone is ``--init``, or else the initial policy (warm start included), saved as ``RUN/init``;
+    it also samples the built-in pairs.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    acc = session.accelerator
+    backbone = Path(config.init) if config.init is not None else session.path / "init"
+    if config.init is None and not (backbone / "config.json").is_file():
+        lm, tokenizer, message = initial_policy(config, config, task, config.seed, acc, session.progress.enabled)
+        session.progress.say(message or "no warm start")
+        if acc.is_main_process:
+            models.save_model_dir(lm, tokenizer, backbone)
+        acc.wait_for_everyone()
+    lm, tokenizer = models.load_policy(backbone, config, tokenizer_beside=config.init is None)
+    pairs = preference_set(config, task, lm.to(acc.device), tokenizer, models.eos_ids(tokenizer, lm), acc)
+    del lm
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # not the load report: that the score head is new is the point
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)  # the score head's initialisation
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(backbone), num_labels=1, dtype=torch.float32, trust_remote_code=config.trust_remote_code
+            )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = int(tokenizer.pad_token_id)  # where the score is read; saved with the model
+    return model.to(acc.device), tokenizer, pairs, backbone
+
+
 def _describe(record: Mapping[str, float]) -> dict[str, str]:
     return {"loss": f"{record['loss/bradley_terry']:.3f}", "acc": f"{record['reward/accuracy']:.2f}"}
-
-
-def reward_model_panels(history: Sequence[Mapping[str, float]]) -> list[Panel]:
-    """The panels of a reward-model run's plot."""
-
-    def series(key: str) -> Series:
-        return Series(key, [(h["step"], h[key]) for h in history if key in h])
-
-    return [
-        Panel("Bradley-Terry loss", "loss", [series("loss/bradley_terry")], essential=True),
-        Panel("Pairwise accuracy (training pairs)", "pairs", [series("reward/accuracy")], percent=True, essential=True),
-        Panel("Score margin", "chosen - rejected score", [series("reward/margin")]),
-        Panel("Gradient norm", "L2 norm (before clipping)", [series("optim/grad_norm")]),
-    ]
 
 
 def reward_model_table(result: RewardModelResult) -> str:

@@ -25,17 +25,19 @@ import attrs
 import proxim
 from proxim.errors import ConfigurationError
 from proxim.tasks import Task
-from proxim.train import checkpoint, distributed, models
+from proxim.train import distributed, models
 from proxim.train.config import SFTConfig
-from proxim.train.sections import SupervisedOptimizer
 from proxim.train.evaluation import task_accuracy
-from proxim.train.figures import Panel, Series, informative, write_figure
-from proxim.train.loop import StepLoop
+from proxim.train.figures import informative, write_figure
+from proxim.train.loop import Outcome
 from proxim.train.optimization import Optimization, parameter_groups
+from proxim.train.panels import supervised_panels
 from proxim.train.prompts import RowSource
 from proxim.train.records import SUPERVISED_FIELDS, Record, read_records, render_prompts
-from proxim.train.reporting import Progress, before_after_table, number, pct
-from proxim.train.run_folder import RunFolder, default_name
+from proxim.train.reporting import before_after_table, number, pct
+from proxim.train.run_folder import default_name
+from proxim.train.sections import SupervisedOptimizer
+from proxim.train.session import Session
 from proxim.train.supervised import SupervisedStep, record_batches, supervised_loss
 from proxim.train.warmstart import warm_start
 
@@ -65,64 +67,67 @@ def sft(config: SFTConfig, *, resume: str | os.PathLike[str] | None = None, regi
     reg = registry or proxim.default_registry()
     config.check(reg)
     records = read_records(config.data, SUPERVISED_FIELDS) if config.data is not None else None  # before any model is built
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    acc = distributed.make_accelerator(config.mixed_precision, config.tracker, Path(resume).resolve().parent if resume else config.output_dir)
+    session = Session(config, resume)
     task = config.load_task(reg)
-    run = RunFolder.existing(resume, acc) if resume else RunFolder.create(config.output_dir, config.run_name or default_name("sft", Path(config.data).stem if config.data else config.task or "records"), acc)
-    progress = Progress(config.quiet, acc.is_main_process)
-    run.write_config(config)
+    session.open(config.run_name or default_name("sft", Path(config.data).stem if config.data else config.task or "records"))
     steps = config.warmstart_steps if config.warmstart_steps is not None else config.warmstart_steps_for(None)
     lm, tokenizer, identity = models.start_policy(config, config.seed)
-    lm.to(acc.device)
+    lm.to(session.accelerator.device)
     if records is None:  # the task's answers: the warm start itself, from the same cache
         assert task is not None
+        session.begin()
         held_out = [{"prompt": e.prompt, "response": task.completion(e)} for e in _held_out_examples(task, config.eval_size)]
-        before = _evaluate(lm, tokenizer, held_out, task, config, acc)
+        before = _evaluate(lm, tokenizer, held_out, task, config)
         entry, hit = warm_start(
-            lm, tokenizer, task, model_identity=identity, steps=steps, settings=config, seed=config.seed, accelerator=acc,
-            progress=progress.enabled, optimizer=SupervisedOptimizer.of(config),
-        )
-        progress.say(f"warm start: {steps} supervised steps on {task.name}, {'loaded from the cache' if hit else 'trained and cached'} ({entry})")
-        outcome_steps, interrupted = steps, None
+            lm, tokenizer, task, model_identity=identity, steps=steps, settings=config, seed=config.seed, accelerator=session.accelerator,
+            progress=session.progress.enabled, optimizer=SupervisedOptimizer.of(config),
+        )  # fmt: skip
+        session.progress.say(f"warm start: {steps} supervised steps on {task.name}, {'loaded from the cache' if hit else 'trained and cached'} ({entry})")
+        outcome = Outcome(steps, None, time.perf_counter() - t_start)
     else:
-        train_rows, held_out = _split(config, tokenizer, records)
-        optimization = Optimization(acc, parameter_groups([(lm, config.warmstart_lr)]), config, horizon=steps)
-        (lm,) = optimization.prepare(lm)
-        before = _stored(run) or _evaluate(lm, tokenizer, held_out, task, config, acc)
-        run.store_eval("before", attrs.asdict(before))
-        start, time_before = 0, 0.0
-        if resume is not None:
-            state = checkpoint.load(checkpoint.latest(run.path) or run.path, accelerator=acc, models={"model": acc.unwrap_model(lm)}, optimization=optimization)
-            start, time_before = int(state["step"]), float(state.get("train_time", 0.0))
-        run.start_metrics(run.history(upto=start) if start else [])
-        source = RowSource(train_rows, config.seed, held_out, origin=config.data or "records")
-        step = SupervisedStep(lm, record_batches(source, tokenizer, config.warmstart_batch_size, acc.process_index, acc.num_processes, acc.device), optimization, config.micro_batch_size)
-
-        def save(completed: int, train_time: float) -> None:
-            state = {"train_time": train_time, "proxim": proxim.__version__}
-            checkpoint.save(run.path, completed, accelerator=acc, models={"model": acc.unwrap_model(lm)}, optimization=optimization, state=state,
-                            config_toml=config.to_toml(), keep=config.keep_checkpoints)
-
-        loop = StepLoop(accelerator=acc, run=run, total=steps, start=start, save_every=config.save_every, save=save, progress=progress,
-                        describe=lambda r: {"loss": f"{r['loss/supervised']:.3f}"}, desc="sft", tracker_config=config.to_dict(), time_before=time_before)
-        outcome = loop.run_steps(lambda k: distributed.reduce_mean(acc, step(k)))
-        lm = acc.unwrap_model(lm)
-        outcome_steps, interrupted = outcome.steps, outcome.interrupted
-    if interrupted is not None:
-        progress.notice(f"interrupted (signal {interrupted}) after step {outcome_steps}. Continue with: proxim sft --resume {run.path}")
-        return SupervisedResult(run.path, outcome_steps, before, None, time.perf_counter() - t_start, interrupted)
-    after = _evaluate(lm, tokenizer, held_out, task, config, acc)
-    result = SupervisedResult(run.path, outcome_steps, before, after, time.perf_counter() - t_start)
-    run.store_eval("before", attrs.asdict(before))
-    run.store_eval("after", attrs.asdict(after))
-    if acc.is_main_process:
-        models.save_model_dir(lm, tokenizer, run.path / "model")
-        write_figure(run.path / "plot.png", informative(sft_panels(run.history())), title=f"sft: {outcome_steps} steps")
-    run.write_summary(supervised_table(result))
-    acc.wait_for_everyone()
+        lm, held_out, before, outcome = _on_records(session, config, lm, tokenizer, records, task, steps)
+    if outcome.interrupted is not None:
+        return SupervisedResult(session.path, outcome.steps, before, None, time.perf_counter() - t_start, outcome.interrupted)
+    after = _evaluate(lm, tokenizer, held_out, task, config)
+    result = SupervisedResult(session.path, outcome.steps, before, after, time.perf_counter() - t_start)
+    session.folder.store_eval("before", attrs.asdict(before))
+    session.folder.store_eval("after", attrs.asdict(after))
+    if session.is_main:
+        models.save_model_dir(lm, tokenizer, session.path / "model")
+        write_figure(session.path / "plot.png", informative(supervised_panels(session.folder.history())), title=f"sft: {outcome.steps} steps")
+    session.folder.write_summary(supervised_table(result))
+    session.accelerator.wait_for_everyone()
     return result
+
+
+def _on_records(
+    session: Session, config: SFTConfig, lm: Any, tokenizer: Any, records: list[Record], task: Task | None, steps: int
+) -> tuple[Any, list[Record], SupervisedEval, Outcome]:
+    """Train on ``{"prompt", "response"}`` records through the step loop: (the model, the held-out records, the
+    evaluation before, how the loop ended)."""
+    acc = session.accelerator
+    train_rows, held_out = _split(config, tokenizer, records)
+    optimization = Optimization(acc, parameter_groups([(lm, config.warmstart_lr)]), config, horizon=steps)
+    (prepared,) = optimization.prepare(lm)
+    found = session.folder.load_eval("before") if session.resume else None
+    before = SupervisedEval(**found) if found else _evaluate(lm, tokenizer, held_out, task, config)
+    session.folder.store_eval("before", attrs.asdict(before))
+    if session.resume is not None:
+        session.restore({"model": lm}, optimization)
+    session.begin()
+    source = RowSource(train_rows, config.seed, held_out, origin=config.data or "records")
+    batches = record_batches(source, tokenizer, config.warmstart_batch_size, session.rank, session.world, acc.device)
+    step = SupervisedStep(prepared, batches, optimization, config.micro_batch_size)
+
+    def save(completed: int, train_time: float) -> None:
+        session.save(completed, train_time, {"model": lm}, optimization, {"proxim": proxim.__version__})
+
+    outcome = session.run_steps(lambda k: distributed.reduce_mean(acc, step(k)), total=steps, save=save, describe=_describe, desc="sft")
+    return lm, held_out, before, outcome
+
+
+def _describe(record: Mapping[str, float]) -> dict[str, str]:
+    return {"loss": f"{record['loss/supervised']:.3f}"}
 
 
 def _held_out_examples(task: Task, eval_size: int | None) -> list[Any]:
@@ -138,24 +143,10 @@ def _split(config: SFTConfig, tokenizer: Any, records: list[Record]) -> tuple[li
     return records[k:], records[:k]
 
 
-def _evaluate(lm: Any, tokenizer: Any, held_out: Sequence[Mapping[str, Any]], task: Task | None, config: SFTConfig, acc: Any) -> SupervisedEval:
-    model = acc.unwrap_model(lm)
-    model.eval()
-    accuracy = task_accuracy(model, tokenizer, task, config.max_new_tokens_for(task), config.eval_size) if task is not None else None
-    return SupervisedEval(len(held_out), supervised_loss(model, tokenizer, [(r["prompt"], r["response"]) for r in held_out]), accuracy)
-
-
-def _stored(run: RunFolder) -> SupervisedEval | None:
-    found = run.load_eval("before")
-    return SupervisedEval(**found) if found else None
-
-
-def sft_panels(history: Sequence[Mapping[str, float]]) -> list[Panel]:
-    """The panels of a supervised run's plot."""
-    return [
-        Panel("Supervised loss", "NLL per response token (nats)", [Series("loss/supervised", [(h["step"], h["loss/supervised"]) for h in history if "loss/supervised" in h])], log=True, essential=True),
-        Panel("Gradient norm", "L2 norm (before clipping)", [Series("optim/grad_norm", [(h["step"], h["optim/grad_norm"]) for h in history if "optim/grad_norm" in h])]),
-    ]
+def _evaluate(lm: Any, tokenizer: Any, held_out: Sequence[Mapping[str, Any]], task: Task | None, config: SFTConfig) -> SupervisedEval:
+    lm.eval()
+    accuracy = task_accuracy(lm, tokenizer, task, config.max_new_tokens_for(task), config.eval_size) if task is not None else None
+    return SupervisedEval(len(held_out), supervised_loss(lm, tokenizer, [(r["prompt"], r["response"]) for r in held_out]), accuracy)
 
 
 def supervised_table(result: SupervisedResult) -> str:
@@ -163,5 +154,8 @@ def supervised_table(result: SupervisedResult) -> str:
     rows = [("loss (NLL per response token)", number(b.loss), number(a.loss if a else None))]
     if b.accuracy is not None:
         rows.append(("task accuracy (greedy)", pct(b.accuracy), pct(a.accuracy if a else None)))
-    return before_after_table(f"held-out evaluation ({b.n} records) -- sft, {result.steps} steps", rows, f"wall time {result.wall_time:.0f} s; model saved in {result.run_dir / 'model'}")
-
+    return before_after_table(
+        f"held-out evaluation ({b.n} records) -- sft, {result.steps} steps",
+        rows,
+        f"wall time {result.wall_time:.0f} s; model saved in {result.run_dir / 'model'}",
+    )

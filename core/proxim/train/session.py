@@ -1,0 +1,146 @@
+"""A run's session: its processes (accelerate), its folder, what it prints, and how it checkpoints and resumes.
+
+Every recipe opens one::
+
+    session = Session(config, resume)            accelerate and the progress messages; nothing on disk yet
+    ...check the settings, build what fails without a model first...
+    session.open(name)                           the run folder: created, or the one being resumed
+    ...build the models and the optimiser...
+    session.restore(models, optimization)        a resumed run: weights, optimiser, RNG, the start step
+    session.begin()                              config.toml/json, metrics.jsonl (the steps a resumed run keeps)
+    outcome = session.run_steps(step, ...)       `proxim.train.loop.StepLoop`, checkpoints through `save`
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from proxim.errors import TrainingError
+from proxim.train import checkpoint, distributed
+from proxim.train.loop import Metrics, Outcome, StepLoop
+from proxim.train.reporting import Progress
+from proxim.train.run_folder import RunFolder, RunSettings
+
+if TYPE_CHECKING:
+    from proxim.train.optimization import Optimization
+
+
+class Session:
+    """See the module docstring. `config` is the recipe's whole configuration (written to the run folder)."""
+
+    def __init__(self, config: RunSettings, resume: str | os.PathLike[str] | None):
+        self.config, self.resume = config, resume
+        project = Path(resume).resolve().parent if resume is not None else Path(config.output_dir)
+        self.accelerator = distributed.make_accelerator(config.mixed_precision, config.tracker, project)
+        self.rank: int = self.accelerator.process_index
+        self.world: int = self.accelerator.num_processes
+        self.is_main: bool = self.accelerator.is_main_process
+        self.progress = Progress(config.quiet, self.is_main)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training bar
+        self.start_step, self.time_before = 0, 0.0
+        self._folder: RunFolder | None = None
+
+    @property
+    def folder(self) -> RunFolder:
+        if self._folder is None:
+            raise RuntimeError("Session.open() has not been called yet")
+        return self._folder
+
+    @property
+    def path(self) -> Path:
+        return self.folder.path
+
+    def open(self, name: str) -> RunFolder:
+        """The run folder: ``output_dir/name`` for a new run (refused if it holds one), else the folder being resumed."""
+        if self.resume is not None:
+            self._folder = RunFolder.existing(self.resume, self.accelerator)
+        else:
+            self._folder = RunFolder.create(self.config.output_dir, name, self.accelerator)
+        return self._folder
+
+    def restore(
+        self, models: Mapping[str, nn.Module], optimization: Optimization, fingerprint: str | None = None, updates: int | None = None
+    ) -> dict[str, Any]:
+        """Load the latest checkpoint into `models` and `optimization` and set the start step; returns its state.
+
+        fingerprint: the objective's; a checkpoint written by another objective is refused. updates: the
+        optimiser updates of the whole run now (more ``--steps`` than the checkpoint's run: the schedule keeps its horizon).
+        """
+        latest = checkpoint.latest(self.path)
+        assert latest is not None  # RunFolder.existing checked it
+        state = checkpoint.load(latest, accelerator=self.accelerator, models=models, optimization=optimization)
+        if fingerprint is not None and state.get("fingerprint") != fingerprint:
+            raise TrainingError(
+                f"--resume {self.path}: the objective differs from the checkpoint's.\n  checkpoint: {state.get('fingerprint')}\n  now:        {fingerprint}"
+            )
+        if state.get("world_size", self.world) != self.world:
+            self.progress.say(
+                f"warning: the checkpoint was written by {state.get('world_size')} processes, this run has {self.world}: "
+                "prompts and sampling will differ from an uninterrupted run."
+            )
+        if updates is not None and updates > optimization.horizon and optimization.settings.lr_schedule != "constant":
+            self.progress.say(
+                f"note: the {optimization.settings.lr_schedule} schedule spans the first {optimization.horizon} updates of this run; "
+                "later updates keep its final learning rate."
+            )
+        self.start_step, self.time_before = int(state["step"]), float(state.get("train_time", 0.0))
+        self.progress.say(f"resuming {self.path} from step {self.start_step} ({latest.name})")
+        return state
+
+    def begin(self) -> None:
+        """Write the configuration, and begin ``metrics.jsonl`` with the steps a resumed run keeps."""
+        self.folder.write_config(self.config)
+        self.folder.start_metrics(self.folder.history(upto=self.start_step) if self.start_step else [])
+
+    def save(self, completed: int, train_time: float, models: Mapping[str, nn.Module], optimization: Optimization, state: Mapping[str, Any]) -> None:
+        """Checkpoint after `completed` steps (collective): `models` (unwrapped), the optimiser, and the recipe's `state`."""
+        checkpoint.save(
+            self.path,
+            completed,
+            accelerator=self.accelerator,
+            models=models,
+            optimization=optimization,
+            state={"train_time": train_time, "world_size": self.world, **state},
+            config_toml=self.config.to_toml(),
+            keep=self.config.keep_checkpoints,
+        )
+
+    def run_steps(
+        self,
+        step: Callable[[int], Metrics],
+        *,
+        total: int,
+        save: Callable[[int, float], None],
+        describe: Callable[[Mapping[str, float]], dict[str, str]],
+        desc: str,
+        evaluate: Callable[[int], Metrics] | None = None,
+        eval_every: int = 0,
+    ) -> Outcome:
+        """Steps from the start step to `total` (`proxim.train.loop.StepLoop`), checkpointed with `save`."""
+        loop = StepLoop(
+            accelerator=self.accelerator,
+            run=self.folder,
+            total=total,
+            start=self.start_step,
+            save_every=self.config.save_every,
+            save=save,
+            progress=self.progress,
+            describe=describe,
+            desc=desc,
+            tracker_config=self.config.to_dict(),
+            time_before=self.time_before,
+        )
+        outcome = loop.run_steps(step, evaluate, eval_every)
+        if outcome.interrupted is not None:
+            self.progress.notice(
+                f"interrupted (signal {outcome.interrupted}) after step {outcome.steps}; checkpoint in {self.path / 'checkpoints'}. "
+                f"Continue with: proxim {self.config.command} --resume {self.path}"
+            )
+        return outcome
