@@ -10,7 +10,7 @@ import torch
 
 from proxim.errors import ConfigurationError
 from proxim.train import train
-from proxim.train.rewards import Reward, RewardModel, load_function, score
+from proxim.train.rewards import Reward, RewardError, RewardModel, load_function, score
 
 
 def test_load_function_from_module_and_file(tmp_path: Path) -> None:
@@ -38,11 +38,35 @@ def test_weighted_sum_and_per_function_values() -> None:
     assert totals == [0.5 * 1 + 2.0 * 1, 0.5 * 4 + 2.0 * 0]
 
 
-def test_bad_reward_values_are_named() -> None:
-    with pytest.raises(ValueError, match="reward 'nan' returned a non-finite value at completion 1"):
-        score([Reward("nan", lambda p, c, **b: [0.0, float("nan")])], ["a", "b"], ["x", "y"], {})
-    with pytest.raises(ValueError, match="returned 1 values for 2 completions"):
-        score([Reward("short", lambda p, c, **b: [0.0])], ["a", "b"], ["x", "y"], {})
+def _raises(prompts, completions, **batch):
+    raise KeyError("answer")
+
+
+@pytest.mark.parametrize(
+    ("fn", "message", "completion"),
+    [
+        (lambda p, c, **b: [0.0, float("nan")], "reward 'bad' returned nan; for example the completion 'y'.", "y"),
+        (lambda p, c, **b: [0.0, float("inf")], "reward 'bad' returned inf; for example the completion 'y'.", "y"),
+        (lambda p, c, **b: [0.0], "reward 'bad' returned 1 values for 2 completions.", None),
+        (lambda p, c, **b: None, "reward 'bad' returned NoneType None, not a list of 2 numbers (one per completion).", None),
+        (lambda p, c, **b: 1.0, "reward 'bad' returned float 1.0, not a list of 2 numbers (one per completion).", None),
+        (lambda p, c, **b: [1.0, "2"], "reward 'bad' returned str '2' where a number belongs; for example the completion 'y'.", "y"),
+        (_raises, "reward 'bad' raised KeyError: 'answer'; for example the completion 'x'.", "x"),
+    ],
+    ids=["nan", "inf", "count", "none", "scalar", "string", "raises"],
+)
+def test_bad_reward_values_are_named(fn, message: str, completion: str | None) -> None:
+    with pytest.raises(RewardError) as caught:
+        score([Reward("bad", fn)], ["a", "b"], ["x", "y"], {})
+    assert str(caught.value) == message
+    assert caught.value.reward == "bad" and caught.value.completion == completion
+
+
+def test_numbers_of_other_kinds_are_accepted() -> None:
+    import numpy as np
+
+    totals, _ = score([Reward("mixed", lambda p, c, **b: [True, np.float32(0.5), torch.tensor(2.0)])], ["a"] * 3, ["x", "y", "z"], {})
+    assert totals == [1.0, 0.5, 2.0]
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,21 @@ saving leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from proxim.errors import TrainingError
 from proxim.train.files import atomic_write
 from proxim.train.models import load_weights
 
@@ -76,6 +80,24 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+class CheckpointError(TrainingError):
+    """A checkpoint that could not be written or read; the message names the file and why."""
+
+
+@contextlib.contextmanager
+def _file(path: Path, doing: str) -> Iterator[None]:
+    """Turn a failure to write or read `path` into a `CheckpointError` naming the file (torch's disk-full message included)."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in str(exc):
+            reason = "not a file proxim wrote (torch.load refused to read it)"
+        elif isinstance(exc, RuntimeError) and ("inline_container" in str(exc) or "write" in str(exc).lower()):
+            reason = f"the write failed (is the disk full?): {reason}"
+        raise CheckpointError(f"{doing} {path}: {reason}") from exc
+
+
 def save(
     run_dir: Path,
     step: int,
@@ -89,63 +111,138 @@ def save(
 ) -> Path:
     """Write the checkpoint of `step` completed steps (collective: every process calls it). Returns its folder.
 
-    models: the unwrapped trained modules by name; ``"model"`` is saved with ``save_pretrained``.
+    models: the unwrapped trained modules by name; ``"model"`` is saved with ``save_pretrained``. A write that
+    fails (a full disk, no permission) raises `CheckpointError` naming the file; the previous checkpoint stays.
     """
-    from safetensors.torch import save_model
-
     root = run_dir / "checkpoints"
     final, tmp = root / name(step), root / f".tmp-{name(step)}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
+    try:
+        if accelerator.is_main_process:
+            with _file(tmp, "creating"):
+                root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+        accelerator.wait_for_everyone()
+        with _file(tmp / f"rng_rank{accelerator.process_index}.pt", "writing"):
+            torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            _write_files(tmp, step, models, optimization, state, config_toml)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with _file(final, "moving into place"):
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                atomic_write(root / LATEST, final.name + "\n")
+            kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+            for old in kept[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except CheckpointError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        for key, module in models.items():
-            if key == PRIMARY:
-                module.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
-            else:
-                save_model(module, str(tmp / f"{key}.safetensors"))
-        torch.save(optimization.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
-        (tmp / "config.toml").write_text(config_toml)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write(root / LATEST, final.name + "\n")
-        kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in kept[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        previous = latest(run_dir)
+        kept_note = f"the previous checkpoint ({previous.name}) is intact" if previous is not None else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} into {root}: {exc}. {kept_note.capitalize()}; free space on that disk "
+            "(or choose another --output-dir) and continue with --resume."
+        ) from exc
     accelerator.wait_for_everyone()
     return final
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+def _write_files(tmp: Path, step: int, models: Mapping[str, nn.Module], optimization: Optimization, state: dict[str, Any], config_toml: str) -> None:
+    from safetensors.torch import save_model
+
+    for key, module in models.items():
+        target = tmp / ("model.safetensors" if key == PRIMARY else f"{key}.safetensors")
+        with _file(target, "writing"):
+            if key == PRIMARY:
+                module.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
+            else:
+                save_model(module, str(target))
+    with _file(tmp / "optimizer.pt", "writing"):
+        torch.save(optimization.state_dict(), tmp / "optimizer.pt")
+    with _file(tmp / "state.json", "writing"):
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
+    with _file(tmp / "config.toml", "writing"):
+        (tmp / "config.toml").write_text(config_toml)
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first (the one ``checkpoints/latest`` names leads)."""
     root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.json").is_file():
-            return candidate
-    done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    return ([named] if named in found else []) + [p for p in found if p != named]
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder with a ``state.json``, or None (whether it can be read: `problem`)."""
+    return next((p for p in candidates(run_dir) if (p / "state.json").is_file()), None)
+
+
+def problem(directory: Path) -> str | None:
+    """Why the checkpoint in `directory` cannot be resumed from, read cheaply (before any model is built); None if it looks complete."""
+    state = directory / "state.json"
+    try:
+        parsed = json.loads(state.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{state}: {exc}"
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("step"), int):
+        return f"{state}: no step count in it"
+    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
+        return f"{directory}: no model.safetensors"
+    if not (directory / "optimizer.pt").is_file():
+        return f"{directory}: no optimizer.pt"
+    return None
+
+
+def usable(run_dir: Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint that looks complete; each newer one that does not is named, with why, through `say`."""
+    for directory in candidates(run_dir):
+        why = problem(directory)
+        if why is None:
+            return directory
+        say(f"skipping the checkpoint {directory.name}: {why}")
+    return None
+
+
+def load_latest(
+    run_dir: Path, *, accelerator: Accelerator, models: Mapping[str, nn.Module], optimization: Optimization, say: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest checkpoint that loads, falling back to older ones with a message; returns (its folder, state.json)."""
+    failures = []
+    for directory in candidates(run_dir):
+        why = problem(directory)  # (`usable` has named these already, when the run folder was opened)
+        if why is None:
+            try:
+                return directory, load(directory, accelerator=accelerator, models=models, optimization=optimization)
+            except CheckpointError as exc:
+                why = str(exc)
+                say(f"cannot resume from the checkpoint {directory.name} ({why}); trying the one before it")
+        failures.append(f"  {directory.name}: {why}")
+    raise CheckpointError(f"{run_dir}: no checkpoint could be loaded:\n" + ("\n".join(failures) or "  (none)"))
 
 
 def load(directory: Path, *, accelerator: Accelerator, models: Mapping[str, nn.Module], optimization: Optimization) -> dict[str, Any]:
-    """Restore the modules, the optimisation state and this process's RNG from `directory`; returns state.json."""
+    """Restore the modules, the optimisation state and this process's RNG from `directory`; returns state.json.
+
+    A file that cannot be read raises `CheckpointError` naming it."""
     from safetensors.torch import load_model
 
     for key, module in models.items():
-        if key == PRIMARY:
-            load_weights(module, directory)
-        else:
-            load_model(module, str(directory / f"{key}.safetensors"))
-    optimization.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
+        with _file(directory / ("model.safetensors" if key == PRIMARY else f"{key}.safetensors"), "reading"):
+            if key == PRIMARY:
+                load_weights(module, directory)
+            else:
+                load_model(module, str(directory / f"{key}.safetensors"))
+    with _file(directory / "optimizer.pt", "reading"):
+        optimization.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True))
     rng_file = directory / f"rng_rank{accelerator.process_index}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-    return dict(json.loads((directory / "state.json").read_text()))
+        with _file(rng_file, "reading"):
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    with _file(directory / "state.json", "reading"):
+        return dict(json.loads((directory / "state.json").read_text()))

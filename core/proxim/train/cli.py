@@ -8,7 +8,6 @@ recipes are imported only when a subcommand runs, so ``proxim --help`` and ``pro
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Any, TypeVar
 
 from proxim.errors import ConfigurationError, ProximError, TrainingError
 from proxim.train.config import CompareConfig, RewardModelConfig, SFTConfig, TrainConfig
-from proxim.train.flags import add_flags, flag_values, resumable
-from proxim.train.settings import Settings, flag_name, read_toml
+from proxim.train.flags import add_flags, flag_values
+from proxim.train.run_folder import RunFolder
+from proxim.train.settings import Settings, code_settings, flag_name, read_toml, resumable
 
 _S = TypeVar("_S", bound=Settings)
 
@@ -62,21 +62,31 @@ def config_from_args(args: argparse.Namespace, cls: type[_S]) -> _S:
 
 
 def resume_config(args: argparse.Namespace, cls: type[_S]) -> _S:
-    """The run folder's own configuration, with the settings that may change when continuing (`resumable`) from flags."""
-    saved = Path(args.resume) / "config.json"
-    if not saved.is_file():
-        raise ConfigurationError(f"--resume {args.resume}: no config.json there; is it a proxim run folder?")
+    """The run folder's own configuration, with the settings that may change when continuing (`resumable`) from flags.
+
+    A run folder is data, not code: a saved setting that would run code (``trust_remote_code``, reward modules
+    and files) is used only when the same value is given again on the command line."""
     if getattr(args, "config", None):
         raise ConfigurationError("--resume continues a run with its own saved configuration; drop --config.")
+    saved = RunFolder(Path(args.resume), is_main=False).saved_config()
     given = flag_values(args, cls)
-    allowed = resumable(cls)
-    frozen = [n for n in given if n not in allowed]
+    code = code_settings(saved, cls)
+    missing = {n: v for n, v in code.items() if given.get(n) != v}
+    if missing:
+        listed = "; ".join(f"{n}={v!r}" for n, v in missing.items())
+        again = " ".join(flag_name(n) if v is True else f"{flag_name(n)} {' '.join(v)}" for n, v in missing.items())
+        raise ConfigurationError(
+            f"--resume {args.resume}: its saved settings would run code from outside proxim ({listed}). A run folder is data, not code: "
+            f"check them, and give them again to continue: {again}"
+        )
+    allowed = set(resumable(cls)) | set(code)
+    frozen = [n for n in given if n not in allowed and given[n] != saved.get(n)]
     if frozen:
         raise ConfigurationError(
             f"--resume: {', '.join(flag_name(n) for n in frozen)} cannot change when continuing a run "
-            f"(only {', '.join(flag_name(n) for n in allowed)} can); start a new run instead."
+            f"(only {', '.join(flag_name(n) for n in resumable(cls))} can); start a new run instead."
         )
-    return cls.from_dict({**json.loads(saved.read_text()), **given}, origin=str(saved))
+    return cls.from_dict({**saved, **given}, origin=str(Path(args.resume) / "config.json"))
 
 
 def _fail(command: str, exc: BaseException) -> int:

@@ -79,6 +79,14 @@ def reduce_mean(accelerator: Accelerator, values: Mapping[str, float | torch.Ten
     return dict(zip(keys, stacked.cpu().tolist()))
 
 
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """Whether `flag` is true on any process (one all-reduce with several processes), so that all take the same branch."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="max")
+    return bool(value > 0)
+
+
 def check_same_across_ranks(values: Sequence[str], what: str) -> None:
     """Raise `TrainingError` naming each rank's value unless all processes hold the same `what`."""
     if len(set(values)) > 1:

@@ -61,11 +61,6 @@ def flag_values(args: argparse.Namespace, cls: type[Settings]) -> dict[str, Any]
     return values
 
 
-def resumable(cls: type[Settings]) -> list[str]:
-    """The settings of `cls` that may change when a run continues."""
-    return [a.name for a in cls.fields() if declaration(a).resumable]
-
-
 def parse_value(text: str) -> Any:
     """A ``--set`` value: a Python/TOML literal (1e-3, true, none, "x", [1, 2]) or else the bare string."""
     lowered = text.strip().lower()

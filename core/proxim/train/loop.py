@@ -101,9 +101,12 @@ class StepLoop:
             for step in range(self.start, self.total):
                 try:
                     record: dict[str, float] = {"step": step + 1, **step_fn(step)}
-                except TrainingError as exc:
+                except TrainingError as exc:  # the run cannot continue: keep what is done, then stop
                     self.save(step, self.train_time)
                     raise TrainingError(f"{exc} (step {step + 1}). The last complete state is checkpointed in {self.run.path / 'checkpoints'}.") from exc
+                except Exception:
+                    self._save_before_failing(step)
+                    raise
                 if evaluate is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < self.total:
                     record.update(evaluate(step + 1))
                 self.run.append_jsonl("metrics.jsonl", [record])
@@ -124,6 +127,17 @@ class StepLoop:
         if saved != self.total:
             self.save(self.total, self.train_time)
         return Outcome(self.total, None, self.train_time)
+
+    def _save_before_failing(self, step: int) -> None:
+        """An error ends the run in step `step`: checkpoint the steps done in this session first (none done: nothing to keep)."""
+        if step == self.start:
+            return
+        try:
+            self.save(step, self.train_time)
+        except Exception as exc:
+            self.progress.notice(f"the run failed in step {step + 1}, and its checkpoint could not be written either: {exc}")
+            return
+        self.progress.notice(f"the run failed in step {step + 1}; its {step} completed steps are checkpointed in {self.run.path / 'checkpoints'}.")
 
     def _stop_requested(self) -> bool:
         """Whether any process was signalled (one all-reduce; every process calls it after every step)."""

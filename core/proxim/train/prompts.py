@@ -81,12 +81,12 @@ class RowSource:
         eval_size: int | None = None,
         origin: str = "prompts",
     ):
-        rows = [_check_row(dict(r), origin, i) for i, r in enumerate(rows)]
+        rows = [_check_row(r, origin, i) for i, r in enumerate(rows)]
         if eval_rows is None:
             k = eval_size if eval_size is not None else min(200, len(rows) // 10)
             eval_rows, rows = rows[:k], rows[k:]
         else:
-            eval_rows = [_check_row(dict(r), f"{origin} (held-out)", i) for i, r in enumerate(eval_rows)]
+            eval_rows = [_check_row(r, f"{origin} (held-out)", i) for i, r in enumerate(eval_rows)]
             if eval_size is not None:
                 eval_rows = eval_rows[:eval_size]
         if not rows:
@@ -111,21 +111,28 @@ class RowSource:
         return [dict(r) for r in self.held_out]
 
 
-def _check_row(row: Row, origin: str, index: int) -> Row:
+def _check_row(row: Any, origin: str, index: int, line: bool = False) -> Row:
+    where = f"{origin}:{index}" if line else f"{origin}: row {index}"
+    if not isinstance(row, Mapping):
+        raise ConfigurationError(
+            f'{where}: expected a JSON object such as {{"prompt": "2+2=", "answer": "4"}}, got {type(row).__name__} {json.dumps(row)[:60]}.'
+        )
     if not isinstance(row.get("prompt"), str):
-        raise ConfigurationError(f"{origin}: row {index} has no string 'prompt' field: {row!r}.")
-    return row
+        raise ConfigurationError(f"{where} has no string 'prompt' field: {dict(row)!r}.")
+    return dict(row)
 
 
 def read_jsonl(path: str | Path) -> list[Row]:
+    """The rows of a JSONL prompts file: one JSON object per line with a string "prompt"; errors name the line."""
     rows = []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigurationError(f"{path}:{n}: not JSON: {exc}") from exc
+                rows.append(_check_row(row, str(path), n, line=True))
     return rows
 
 

@@ -70,12 +70,19 @@ def load_function(spec: str) -> RewardFn:
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as exc:
+            raise ConfigurationError(f"reward {spec!r}: {target}, line {exc.lineno}: {exc.msg}.") from exc
+        except Exception as exc:
+            raise ConfigurationError(f"reward {spec!r}: running {target} raised {type(exc).__name__}: {exc}.") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise ConfigurationError(f"reward {spec!r}: cannot import {target!r}: {exc}") from exc
+        except Exception as exc:
+            raise ConfigurationError(f"reward {spec!r}: importing {target} raised {type(exc).__name__}: {exc}.") from exc
     fn = getattr(module, attr, None)
     if fn is None:
         raise ConfigurationError(f"reward {spec!r}: {target} has no callable {attr!r}.")
@@ -162,17 +169,57 @@ def score_rows(
     return score(rewards, [r["prompt"] for r in rows for _ in range(repeat)], completions, batch)
 
 
+class RewardError(ConfigurationError):
+    """A reward function that raised, or returned something other than one finite number per completion.
+
+    `reward` names the function; `completion` is one offending completion (None when the fault is not
+    one completion's, such as a wrong count)."""
+
+    def __init__(self, reward: str, problem: str, completion: str | None = None):
+        shown = f"; for example the completion {completion!r}" if completion is not None else ""
+        super().__init__(f"reward {reward!r} {problem}{shown}.")
+        self.reward, self.problem, self.completion = reward, problem, completion
+
+
+def reward_values(reward: Reward, prompts: Sequence[str], completions: Sequence[str], batch: dict[str, Any]) -> list[float]:
+    """`reward`'s values for the completions, checked: one finite number each, or `RewardError` saying what went wrong."""
+    try:
+        raw = reward.fn(list(prompts), list(completions), **batch)
+    except Exception as exc:
+        raise RewardError(reward.name, f"raised {type(exc).__name__}: {exc}", completions[0] if completions else None) from exc
+    if raw is None or isinstance(raw, (str, bytes)) or not hasattr(raw, "__len__"):
+        raise RewardError(reward.name, f"returned {type(raw).__name__} {raw!r:.60}, not a list of {len(completions)} numbers (one per completion)")
+    if len(raw) != len(completions):
+        raise RewardError(reward.name, f"returned {len(raw)} values for {len(completions)} completions")
+    values = []
+    for value, completion in zip(raw, completions):
+        if not isinstance(value, (int, float)) and not (hasattr(value, "item") and getattr(value, "ndim", 1) == 0):  # bools count as 0/1
+            raise RewardError(reward.name, f"returned {type(value).__name__} {value!r:.40} where a number belongs", completion)
+        number = float(value)
+        if not math.isfinite(number):
+            raise RewardError(reward.name, f"returned {number}", completion)
+        values.append(number)
+    return values
+
+
 def score(rewards: Sequence[Reward], prompts: Sequence[str], completions: Sequence[str], batch: dict[str, Any]) -> tuple[list[float], dict[str, list[float]]]:
-    """The weighted total per completion, and each function's raw values by name."""
+    """The weighted total per completion, and each function's raw values by name (`RewardError` for a bad reward)."""
     totals = [0.0] * len(completions)
     parts: dict[str, list[float]] = {}
     for reward in rewards:
-        values = [float(v) for v in reward.fn(list(prompts), list(completions), **batch)]
-        if len(values) != len(completions):
-            raise ValueError(f"reward {reward.name!r} returned {len(values)} values for {len(completions)} completions.")
-        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"reward {reward.name!r} returned a non-finite value at completion {bad[0]} ({completions[bad[0]]!r}): {values[bad[0]]}.")
+        values = reward_values(reward, prompts, completions, batch)
         parts[reward.name] = values
         totals = [t + reward.weight * v for t, v in zip(totals, values)]
     return totals, parts
+
+
+def probe_rewards(rewards: Sequence[Reward], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Call every reward once on made-up completions of `rows` (empty, and each row's answer when it has one),
+    before anything expensive is built: a reward that cannot score raises `RewardError` in seconds."""
+    if not rows:
+        return
+    completions = [text for r in rows for text in ("", str(r.get("answer", "")))]
+    try:
+        score_rows(rewards, rows, completions, step=0)
+    except RewardError as exc:
+        raise RewardError(exc.reward, f"{exc.problem} when tried before training on made-up completions", exc.completion) from exc

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from proxim.errors import ConfigurationError
+from proxim.train.files import check_run_name
 from proxim.train.settings import Settings, section, setting
 
 if TYPE_CHECKING:
@@ -42,6 +43,32 @@ def _local_dirs(settings: Settings, *names: str) -> None:
         value = getattr(settings, name)
         if value is not None and not Path(value).is_dir():
             raise ConfigurationError(f"{name}={value!r} is not a local directory (nothing is downloaded).")
+
+
+#: What a folder must hold to be what a setting names (checked before anything is built).
+MODEL_FILES = {"model": ("config.json",), "init": ("config.json",), "critic_model": ("config.json",), "reward_model": ("config.json",)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
+def _model_dirs(settings: Settings, *names: str) -> None:
+    """Each named setting, when set, is a local folder saved by transformers (``config.json``; a tokenizer where one is read)."""
+    _local_dirs(settings, *names)
+    for name in names:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        folder = Path(value)
+        if name != "tokenizer" and not (folder / "config.json").is_file():
+            raise ConfigurationError(
+                f"{name}={value!r} is not a transformers model folder: it has no config.json. Save one with "
+                "model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR) (proxim sft writes RUN/model that way)."
+            )
+        reads_tokenizer = name == "tokenizer" or (name in ("model", "init") and getattr(settings, "tokenizer", None) is None)
+        if reads_tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigurationError(
+                f"{name}={value!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it there with "
+                "tokenizer.save_pretrained(DIR), or give its folder with --tokenizer."
+            )
 
 
 def _files(settings: Settings, *names: str) -> None:
@@ -116,13 +143,20 @@ class PromptFiles(Checked):
 
 @section("task and rewards")
 class Rewards(Checked):
-    rewards: list[str] = setting(["task"], "reward functions: 'task', 'module:function' or 'file.py:function'", metavar="SPEC")
+    rewards: list[str] = setting(
+        ["task"], "reward functions: 'task', 'module:function' or 'file.py:function'", metavar="SPEC", runs_code=lambda specs: any(s != "task" for s in specs)
+    )
     reward_weights: list[float] = setting([], "one weight per reward function (default all 1)", metavar="W")
     reward_model: str | None = setting(None, "directory of a transformers sequence-classification reward model (num_labels=1), added to the rewards")
     reward_model_weight: float = setting(1.0, "weight of the reward model's score")
+    max_reward_failures: int = setting(
+        3,
+        "skip a step whose rewards fail (raise, or return NaN/inf, None or the wrong count); stop with an error (and a checkpoint) after this many in a row",
+        min=1,
+    )
 
     def validate(self, context: CheckContext) -> None:
-        _local_dirs(self, "reward_model")
+        _model_dirs(self, "reward_model")
         super().validate(context)
 
 
@@ -154,7 +188,7 @@ class PreferencePairs(Checked):
 class Model(Checked):
     model: str | None = setting(None, "local directory of a transformers causal LM and its tokenizer; default the built-in tiny Llama")
     tokenizer: str | None = setting(None, "tokenizer directory, when it is not the model's")
-    trust_remote_code: bool = setting(False, "allow model code shipped with a local model (off unless asked for)")
+    trust_remote_code: bool = setting(False, "allow model code shipped with a local model (off unless asked for)", runs_code=lambda on: on is True)
     tiny_hidden_size: int = setting(128, "built-in model: hidden size", min=8)
     tiny_layers: int = setting(2, "built-in model: decoder layers", min=1)
     tiny_heads: int = setting(4, "built-in model: attention heads (must divide the hidden size)", min=1)
@@ -163,7 +197,7 @@ class Model(Checked):
     def validate(self, context: CheckContext) -> None:
         if self.tiny_hidden_size % self.tiny_heads:
             raise ConfigurationError(f"tiny_heads={self.tiny_heads} must divide tiny_hidden_size={self.tiny_hidden_size}.")
-        _local_dirs(self, "model", "tokenizer")
+        _model_dirs(self, "model", "tokenizer")
         super().validate(context)
 
     def start_model(self) -> str | None:
@@ -181,7 +215,7 @@ class Init(Model):
     def validate(self, context: CheckContext) -> None:
         if self.init is not None and self.model is not None:
             raise ConfigurationError(f"init={self.init!r} and model={self.model!r} both name the starting model; give one of them.")
-        _local_dirs(self, "init")
+        _model_dirs(self, "init")
         super().validate(context)
 
     def start_model(self) -> str | None:
@@ -194,7 +228,7 @@ class Critic(Checked):
     critic_model: str | None = setting(None, "critic backbone directory (objectives with a critic); default a copy of the policy's backbone")
 
     def validate(self, context: CheckContext) -> None:
-        _local_dirs(self, "critic_model")
+        _model_dirs(self, "critic_model")
         super().validate(context)
 
 
@@ -337,6 +371,11 @@ class Run(Checked):
 @section("run")
 class RunName(Checked):
     run_name: str | None = setting(None, "the run folder's name; default <preset>-<task>-<date>-<time>")
+
+    def validate(self, context: CheckContext) -> None:
+        if self.run_name is not None:
+            check_run_name(self.run_name)
+        super().validate(context)
 
 
 @section("run")

@@ -13,18 +13,21 @@ Every recipe opens one::
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from proxim.errors import TrainingError
+from proxim.errors import ConfigurationError, TrainingError
 from proxim.train import checkpoint, distributed
 from proxim.train.loop import Metrics, Outcome, StepLoop
 from proxim.train.reporting import Progress
 from proxim.train.run_folder import RunFolder, RunSettings
+from proxim.train.settings import resumable
 
 if TYPE_CHECKING:
     from proxim.train.optimization import Optimization
@@ -59,11 +62,24 @@ class Session:
 
     def open(self, name: str) -> RunFolder:
         """The run folder: ``output_dir/name`` for a new run (refused if it holds one), else the folder being resumed."""
+        say = self.progress.notice
         if self.resume is not None:
-            self._folder = RunFolder.existing(self.resume, self.accelerator)
+            self._folder = RunFolder.existing(self.resume, self.accelerator, say)
         else:
-            self._folder = RunFolder.create(self.config.output_dir, name, self.accelerator)
+            self._folder = RunFolder.create(self.config.output_dir, name, self.accelerator, say)
         return self._folder
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[None]:
+        """Wrap what a recipe builds after `open`: if it fails, the folder this new run created (no checkpoint in it
+        yet) is removed, so that a failed start leaves no empty run folder behind."""
+        try:
+            yield
+        except BaseException:
+            folder = self._folder
+            if folder is not None and folder.created and self.is_main and checkpoint.latest(folder.path) is None:
+                shutil.rmtree(folder.path, ignore_errors=True)
+            raise
 
     def restore(
         self, models: Mapping[str, nn.Module], optimization: Optimization, fingerprint: str | None = None, updates: int | None = None
@@ -73,9 +89,8 @@ class Session:
         fingerprint: the objective's; a checkpoint written by another objective is refused. updates: the
         optimiser updates of the whole run now (more ``--steps`` than the checkpoint's run: the schedule keeps its horizon).
         """
-        latest = checkpoint.latest(self.path)
-        assert latest is not None  # RunFolder.existing checked it
-        state = checkpoint.load(latest, accelerator=self.accelerator, models=models, optimization=optimization)
+        latest, state = checkpoint.load_latest(self.path, accelerator=self.accelerator, models=models, optimization=optimization, say=self.progress.notice)
+        self._check_same_settings(latest)
         if fingerprint is not None and state.get("fingerprint") != fingerprint:
             raise TrainingError(
                 f"--resume {self.path}: the objective differs from the checkpoint's.\n  checkpoint: {state.get('fingerprint')}\n  now:        {fingerprint}"
@@ -93,6 +108,22 @@ class Session:
         self.start_step, self.time_before = int(state["step"]), float(state.get("train_time", 0.0))
         self.progress.say(f"resuming {self.path} from step {self.start_step} ({latest.name})")
         return state
+
+    def _check_same_settings(self, directory: Path) -> None:
+        """Refuse to continue with settings (other than the resumable ones) that differ from the checkpoint's copy."""
+        saved = directory / "config.toml"
+        if not saved.is_file():
+            return
+        then = type(self.config).from_toml(saved).to_dict()  # type: ignore[attr-defined]
+        now = self.config.to_dict()
+        allowed = set(resumable(type(self.config)))  # type: ignore[arg-type]
+        changed = [f"{k}: {then.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(then) | set(now)) if k not in allowed and then.get(k) != now.get(k)]
+        if changed:
+            raise ConfigurationError(
+                f"--resume {self.path}: the settings differ from the checkpoint's copy ({saved}):\n  "
+                + "\n  ".join(changed)
+                + "\nA run continues with the settings it started with: restore them (config.json), or start a new run."
+            )
 
     def begin(self) -> None:
         """Write the configuration, and begin ``metrics.jsonl`` with the steps a resumed run keeps."""

@@ -53,6 +53,7 @@ class Declaration:
     metavar: str | None = None
     resumable: bool = False
     none_word: bool = True
+    runs_code: Callable[[Any], bool] | None = None
 
 
 KIND_WORDS = {
@@ -77,13 +78,16 @@ def setting(
     metavar: str | None = None,
     resumable: bool = False,
     none_word: bool = True,
+    runs_code: Callable[[Any], bool] | None = None,
     group: str = "",
 ) -> Any:
     """Declare one setting: its default, its ``--help`` text and its bounds (the type is the annotation).
 
     resumable: the setting may change when a run continues with ``--resume`` (the others would make it a
     different run). none_word: on the command line, ``none`` empties an optional setting (False: the word is
-    kept as a value). group: the ``--help`` group, when not the section's.
+    kept as a value). runs_code: which values make a run execute code from outside proxim (a reward module,
+    a model's own code); ``--resume`` never takes such a value from a run folder alone. group: the ``--help``
+    group, when not the section's.
     """
     declaration = Declaration(
         help=help,
@@ -95,6 +99,7 @@ def setting(
         metavar=metavar,
         resumable=resumable,
         none_word=none_word,
+        runs_code=runs_code,
     )
     metadata = {METADATA_KEY: declaration}
     if isinstance(default, (list, dict)):
@@ -311,6 +316,21 @@ def _check(instance: Any, field: attrs.Attribute[Any], value: Any) -> None:
         raise ConfigurationError(f"{name} must be {'>' if d.min_open else '>='} {d.min}, got {value!r}.")
     if d.max is not None and value > d.max:
         raise ConfigurationError(f"{name} must be <= {d.max}, got {value!r}.")
+
+
+def resumable(cls: type[Settings]) -> list[str]:
+    """The settings of `cls` that may change when a run continues."""
+    return [a.name for a in cls.fields() if declaration(a).resumable]
+
+
+def code_settings(values: Mapping[str, Any], cls: type[Settings]) -> dict[str, Any]:
+    """The settings among `values` whose value would run code from outside proxim (their `runs_code`)."""
+    found = {}
+    for a in cls.fields():
+        runs = declaration(a).runs_code
+        if runs is not None and a.name in values and runs(values[a.name]):
+            found[a.name] = values[a.name]
+    return found
 
 
 def flag_name(name: str) -> str:

@@ -42,7 +42,7 @@ from proxim.train.optimization import Optimization, parameter_groups
 from proxim.train.panels import online_panels
 from proxim.train.prompts import columns, prompt_source
 from proxim.train.results import EvalResult, RunResult, summary_table
-from proxim.train.rewards import RewardSpec, build_rewards, score_rows
+from proxim.train.rewards import RewardError, RewardSpec, build_rewards, probe_rewards, score_rows
 from proxim.train.run_folder import default_name
 from proxim.train.session import Session
 from proxim.train.warmstart import initial_policy_dir
@@ -89,32 +89,38 @@ class Trainer:
             self.task, c.seed, rows=prompts, prompts_file=c.prompts_file, held_out=eval_prompts, eval_prompts_file=c.eval_prompts_file, eval_size=c.eval_size
         )
         self.max_new_tokens = c.max_new_tokens_for(self.task if c.prompts_file is None else None)
-        session.open(c.run_name or default_name(c.run_label() if objective is None else objective.preset or "custom", c.run_source()))
-        # -- models: the initial policy, a reference and a critic only when the objective needs them --
-        self.init_dir = initial_policy_dir(c, c, self.task, c.seed, session.path, acc, session.progress, resuming=resume is not None)
-        lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
-        self.eos_ids = models.eos_ids(self.tokenizer, lm)
-        self.n_params = sum(p.numel() for p in lm.parameters())
-        wants_reference = "ref_logprobs" in self.objective.requires or c.adaptive_kl
-        self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size) if wants_reference else None
-        critic = build_critic(lm, c.critic_model, c.trust_remote_code) if self.objective.has_critic else None
-        policy = PolicyScorer(lm, c.logprob_chunk_size)
-        groups = [(policy, c.lr)] + ([(critic, c.critic_lr if c.critic_lr is not None else c.lr)] if critic is not None else [])
-        self.updates_per_step = c.epochs * -(-self.local_batch // (c.minibatch_size or self.local_batch))
-        self.optimization = Optimization(acc, parameter_groups(groups), c, horizon=c.steps * self.updates_per_step)
-        prepared = self.optimization.prepare(policy, *([critic] if critic is not None else []))
-        self.policy, self.critic = prepared[0], prepared[1] if critic is not None else None
-        context = GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size, c.vllm_gpu_memory_utilization)
-        self.generator = make_generator(c.generator, context)
         self.rewards = build_rewards(c.rewards, c.reward_weights, self.task, custom=rewards, device=acc.device, model=c)
-        # -- where the run starts: step 0, or the latest checkpoint --------------------------------
-        if resume is not None:
-            state = session.restore(self.trained_models(), self.optimization, self.fingerprint, updates=c.steps * self.updates_per_step)
-            if state.get("kl_coef") != self.objective.options.kl_coef:
-                self.objective = self.objective.override(kl_coef=float(state["kl_coef"]))
-        self.generator.sync(self.lm)
-        kl_coef = self.objective.options.kl_coef
-        self.kl_controller = proxim.AdaptiveKLController(value=kl_coef, target=c.kl_target, horizon=c.kl_horizon) if c.adaptive_kl else None
+        probe_rewards(self.rewards, self.prompts.batch(0, rank, world, min(2, c.prompts_per_step // world)))  # fails in seconds
+        self.reward_failures = 0
+        session.open(c.run_name or default_name(c.run_label() if objective is None else objective.preset or "custom", c.run_source()))
+        with session.building():  # a failed start leaves no empty run folder
+            # -- models: the initial policy, a reference and a critic only when the objective needs them --
+            self.init_dir = initial_policy_dir(c, c, self.task, c.seed, session.path, acc, session.progress, resuming=resume is not None)
+            lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
+            self.eos_ids = models.eos_ids(self.tokenizer, lm)
+            self.n_params = sum(p.numel() for p in lm.parameters())
+            wants_reference = "ref_logprobs" in self.objective.requires or c.adaptive_kl
+            self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size) if wants_reference else None
+            critic = build_critic(lm, c.critic_model, c.trust_remote_code) if self.objective.has_critic else None
+            policy = PolicyScorer(lm, c.logprob_chunk_size)
+            groups = [(policy, c.lr)] + ([(critic, c.critic_lr if c.critic_lr is not None else c.lr)] if critic is not None else [])
+            self.updates_per_step = c.epochs * -(-self.local_batch // (c.minibatch_size or self.local_batch))
+            self.optimization = Optimization(acc, parameter_groups(groups), c, horizon=c.steps * self.updates_per_step)
+            prepared = self.optimization.prepare(policy, *([critic] if critic is not None else []))
+            self.policy, self.critic = prepared[0], prepared[1] if critic is not None else None
+            context = GeneratorContext(
+                self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size, c.vllm_gpu_memory_utilization
+            )
+            self.generator = make_generator(c.generator, context)
+            # -- where the run starts: step 0, or the latest checkpoint --------------------------------
+            if resume is not None:
+                state = session.restore(self.trained_models(), self.optimization, self.fingerprint, updates=c.steps * self.updates_per_step)
+                if state.get("kl_coef") != self.objective.options.kl_coef:
+                    self.objective = self.objective.override(kl_coef=float(state["kl_coef"]))
+                self.reward_failures = int(state.get("reward_failures", 0))
+            self.generator.sync(self.lm)
+            kl_coef = self.objective.options.kl_coef
+            self.kl_controller = proxim.AdaptiveKLController(value=kl_coef, target=c.kl_target, horizon=c.kl_horizon) if c.adaptive_kl else None
 
     @property
     def local_batch(self) -> int:
@@ -142,7 +148,11 @@ class Trainer:
         t_generate = time.perf_counter()
         generation = self.sample(rows)
         t_generate = time.perf_counter() - t_generate
-        scores = self.score(rows, generation, step)
+        scores, failure = self._try_score(rows, generation, step)
+        if distributed.any_process(self.accelerator, scores is None):  # every process skips with the one whose rewards failed
+            return self._skip(step, failure, t0)
+        assert scores is not None
+        self.reward_failures = 0
         batch = self.rollout(generation, scores)
         estimate = self.objective.advantages(batch)
         metrics = {**self._rollout_metrics(rows, generation, scores, batch), "time/generate": t_generate}
@@ -150,7 +160,7 @@ class Trainer:
         metrics.update(self.update(generation, batch, estimate, step))
         self.generator.sync(self.lm)
         self._adapt_kl(metrics, batch)
-        metrics.update({"time/step": time.perf_counter() - t0, "kl/coef": self.objective.options.kl_coef})
+        metrics.update({"time/step": time.perf_counter() - t0, "kl/coef": self.objective.options.kl_coef, "reward/failed": 0.0})
         self._log_samples(step, rows, generation, scores)
         return {**distributed.reduce_mean(self.accelerator, metrics), "optim/skipped_total": float(self.optimization.nonfinite_total)}
 
@@ -281,8 +291,31 @@ class Trainer:
 
     def save(self, completed: int, train_time: float) -> None:
         """Checkpoint the run after `completed` steps (collective)."""
-        state = {"kl_coef": self.objective.options.kl_coef, "fingerprint": self.fingerprint, "init_dir": str(self.init_dir), "proxim": proxim.__version__}
+        state = {
+            "kl_coef": self.objective.options.kl_coef, "fingerprint": self.fingerprint, "init_dir": str(self.init_dir),
+            "reward_failures": self.reward_failures, "proxim": proxim.__version__,
+        }  # fmt: skip
         self.session.save(completed, train_time, self.trained_models(), self.optimization, state)
+
+    def _try_score(self, rows: Sequence[Mapping[str, Any]], generation: Generation, step: int) -> tuple[Scores | None, RewardError | None]:
+        try:
+            return self.score(rows, generation, step), None
+        except RewardError as failure:
+            return None, failure
+
+    def _skip(self, step: int, failure: RewardError | None, t0: float) -> dict[str, float]:
+        """A step whose rewards failed (on this process: `failure`, or on another): no update; `max_reward_failures`
+        such steps in a row stop the run (the step loop checkpoints the steps done)."""
+        self.reward_failures += 1
+        limit = self.config.max_reward_failures
+        reason = str(failure) if failure is not None else "a reward failed on another process"
+        if self.reward_failures >= limit:
+            raise TrainingError(
+                f"{self.reward_failures} steps in a row had rewards that failed; the last: {reason} Fix the reward, or raise max_reward_failures."
+            )
+        self.session.progress.notice(f"step {step + 1}: {reason} The step's update is skipped ({self.reward_failures} in a row; the run stops at {limit}).")
+        metrics = {"reward/failed": 1.0, "optim/skipped": 1.0, "time/step": time.perf_counter() - t0, "kl/coef": self.objective.options.kl_coef}
+        return {**distributed.reduce_mean(self.accelerator, metrics), "optim/skipped_total": float(self.optimization.nonfinite_total)}
 
     # -- the parts of a step's log -----------------------------------------------------------------
     def _rollout_metrics(self, rows: Sequence[Mapping[str, Any]], generation: Generation, scores: Scores, batch: proxim.Rollout) -> dict[str, float]:
@@ -325,6 +358,8 @@ class Trainer:
 
 
 def _describe(record: Mapping[str, float]) -> dict[str, str]:
+    if record.get("reward/failed"):
+        return {"reward": "failed (step skipped)"}
     kl = record.get("kl/ref", record.get("region/approx_kl", float("nan")))
     shown = {"reward": f"{record['reward/mean']:.3f}", "kl": f"{kl:.4f}"}
     return {**shown, "acc": f"{record['reward/accuracy']:.2f}"} if "reward/accuracy" in record else shown

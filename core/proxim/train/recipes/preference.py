@@ -94,25 +94,28 @@ class PreferenceTrainer:
         self.task = config.load_task(self.registry)
         self.prompts = TaskSource(self.task, c.seed, c.eval_size) if self.task is not None else NoPrompts()
         session.open(c.run_name or default_name(self.name, Path(c.data).stem if c.data else c.task or "pairs"))
-        # -- the policy and its frozen reference: the same initial policy ----------------------------
-        self.init_dir = initial_policy_dir(c, c, self.task, c.seed, session.path, acc, session.progress, resuming=resume is not None)
-        lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
-        lm.to(acc.device)
-        self.eos_ids = models.eos_ids(self.tokenizer, lm)
-        self.n_params = sum(p.numel() for p in lm.parameters())
-        self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size)
-        self.pairs = preference_set(c, self.task, lm, self.tokenizer, self.eos_ids, acc)  # from the initial policy
-        for what, rows in (("training", self.pairs.train), ("held-out", self.pairs.held_out)):
-            if not rows:
-                raise ConfigurationError(f"{self.pairs.origin}: no {what} pairs (every sampled pair tied); raise --preference-prompts or --eval-size.")
-        self.source = self.pairs.source(c.seed)
-        policy = PolicyScorer(lm, c.logprob_chunk_size)
-        self.optimization = Optimization(acc, parameter_groups([(policy, c.lr)]), c, horizon=c.steps)
-        (self.policy,) = self.optimization.prepare(policy)
-        self.generator = make_generator("hf", GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size))
-        self.rewards = build_rewards(["task"], [], self.task) if self.task is not None else []
-        if resume is not None:
-            session.restore({"model": self.lm}, self.optimization, self.objective.fingerprint)
+        with session.building():  # a failed start leaves no empty run folder
+            # -- the policy and its frozen reference: the same initial policy ----------------------------
+            self.init_dir = initial_policy_dir(c, c, self.task, c.seed, session.path, acc, session.progress, resuming=resume is not None)
+            lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
+            lm.to(acc.device)
+            self.eos_ids = models.eos_ids(self.tokenizer, lm)
+            self.n_params = sum(p.numel() for p in lm.parameters())
+            self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size)
+            self.pairs = preference_set(c, self.task, lm, self.tokenizer, self.eos_ids, acc)  # from the initial policy
+            for what, rows in (("training", self.pairs.train), ("held-out", self.pairs.held_out)):
+                if not rows:
+                    raise ConfigurationError(f"{self.pairs.origin}: no {what} pairs (every sampled pair tied); raise --preference-prompts or --eval-size.")
+            self.source = self.pairs.source(c.seed)
+            policy = PolicyScorer(lm, c.logprob_chunk_size)
+            self.optimization = Optimization(acc, parameter_groups([(policy, c.lr)]), c, horizon=c.steps)
+            (self.policy,) = self.optimization.prepare(policy)
+            self.generator = make_generator(
+                "hf", GeneratorContext(self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size)
+            )
+            self.rewards = build_rewards(["task"], [], self.task) if self.task is not None else []
+            if resume is not None:
+                session.restore({"model": self.lm}, self.optimization, self.objective.fingerprint)
 
     @property
     def name(self) -> str:

@@ -104,18 +104,19 @@ def train_reward_model(
     acc = session.accelerator
     task = config.load_task(reg)
     session.open(config.run_name or default_name("rm", Path(config.data).stem if config.data else config.task or "pairs"))
-    model, tokenizer, pairs, backbone = _reward_model_and_pairs(session, config, task)
-    session.progress.say(
-        f"run folder: {session.path}\nbackbone: {backbone} (with a new score head, Linear(hidden, 1)); "
-        f"pairs: {len(pairs.train)} training, {len(pairs.held_out)} held out ({pairs.origin}); device: {acc.device}"
-    )
-    optimization = Optimization(acc, parameter_groups([(model, config.lr)]), config, horizon=config.steps)
-    (prepared,) = optimization.prepare(model)
-    found = session.folder.load_eval("before") if resume else None
-    before = PairwiseEval(**found) if found else evaluate_pairs(model, tokenizer, pairs.held_out)
-    session.folder.store_eval("before", attrs.asdict(before))
-    if resume is not None:
-        session.restore({"model": model}, optimization)
+    with session.building():  # a failed start leaves no empty run folder
+        model, tokenizer, pairs, backbone = _reward_model_and_pairs(session, config, task)
+        session.progress.say(
+            f"run folder: {session.path}\nbackbone: {backbone} (with a new score head, Linear(hidden, 1)); "
+            f"pairs: {len(pairs.train)} training, {len(pairs.held_out)} held out ({pairs.origin}); device: {acc.device}"
+        )
+        optimization = Optimization(acc, parameter_groups([(model, config.lr)]), config, horizon=config.steps)
+        (prepared,) = optimization.prepare(model)
+        found = session.folder.load_eval("before") if resume else None
+        before = PairwiseEval(**found) if found else evaluate_pairs(model, tokenizer, pairs.held_out)
+        session.folder.store_eval("before", attrs.asdict(before))
+        if resume is not None:
+            session.restore({"model": model}, optimization)
     session.begin()
     source = pairs.source(config.seed)
 
