@@ -257,7 +257,7 @@ def _draw_panel(ax: Axes, panel: Panel, smooth: bool) -> int:
             ys = _moving_average(ys, window)
         marker: str = "none"
         markevery: int | tuple[int, int] = 1
-        if len(points) == 1 or len(points) <= _MARKERS_ON_EVERY_POINT or series.style in ("dashed", "points"):
+        if len(points) <= _MARKERS_ON_EVERY_POINT or series.style == "points":
             marker = MARKERS[k % len(MARKERS)]
         elif many:  # markers tell dense lines apart in the legend and where they overlap, staggered between series
             step = max(1, len(points) // _MARKERS_PER_LINE)
