@@ -20,7 +20,9 @@ from proxim.errors import (
     ConfigurationError,
     DuplicateNameError,
     PluginError,
+    PluginWarning,
     ProximError,
+    UnavailableError,
     UnknownNameError,
 )
 from proxim.hookspecs import Register, hookimpl
@@ -49,6 +51,7 @@ __all__ = [
     "Part",
     "PartInfo",
     "PluginError",
+    "PluginWarning",
     "Preference",
     "PreferenceObjective",
     "Preset",
@@ -58,6 +61,7 @@ __all__ = [
     "Registry",
     "Rollout",
     "TrustRegion",
+    "UnavailableError",
     "UnknownNameError",
     "available",
     "build_registry",

@@ -8,30 +8,52 @@ Training subcommands live in `proxim.train.cli` and are imported only when used,
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
+import textwrap
 from collections.abc import Sequence
 
-from proxim.registry import build_registry
+from proxim.registry import PluginRecord, report_registry
+
+_STATUS = {
+    "broken": "BROKEN: {error}",
+    "blocked": "BLOCKED: not loaded (PROXIM_BLOCK_PLUGINS)",
+    "disabled": "DISABLED: not loaded (PROXIM_DISABLE_PLUGIN_AUTOLOAD=1 loads only the built-in plugins)",
+}
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    """Print every plugin with its distribution and version, and every part and preset it supplies."""
-    registry = build_registry(strict=False)
+    """Print every plugin with its distribution, version and status, and every part and preset it supplies.
+
+    Exits 1 while any plugin is broken; blocked and disabled plugins are listed but are no failure.
+    """
+    registry = report_registry()
     supplied: dict[str, list[str]] = {}
     for kind, table in registry.available().items():
         for name, info in table.items():
             supplied.setdefault(info.plugin, []).append(f"{kind} {name}")
+    broken = {r.name for r in registry.plugins if r.status == "broken"}
+    for kind, withheld in registry.unavailable().items():
+        for name, why in withheld.items():
+            note = "because the plugin is broken" if why.info.plugin in broken else why.reason
+            supplied.setdefault(why.info.plugin, []).append(f"{kind} {name}  UNAVAILABLE {note}")
     for record in registry.plugins:
         print(f"{record.name}  ({record.distribution} {record.version}; {record.entry_point})")
-        if record.error:
-            print(f"    BROKEN: {record.error}")
+        if record.status != "loaded":
+            print(textwrap.indent(_STATUS[record.status].format(error=record.error), "    "))
         for item in supplied.get(record.name, []):
             print(f"    {item}")
-    broken = [r for r in registry.plugins if r.error]
-    print(f"\n{len(registry.plugins)} plugins, {len(broken)} broken.")
+    print(f"\n{_summary(registry.plugins)}")
+    unavailable = registry.unavailable()
     for kind, table in registry.available().items():
-        print(f"{kind}s: {', '.join(table) or '(none)'}")
+        held = f"; unavailable: {', '.join(unavailable[kind])}" if unavailable[kind] else ""
+        print(f"{kind}s: {', '.join(table) or '(none)'}{held}")
     return 1 if broken else 0
+
+
+def _summary(records: tuple[PluginRecord, ...]) -> str:
+    counts = {status: sum(r.status == status for r in records) for status in ("broken", "blocked", "disabled")}
+    return f"{len(records)} plugins, {', '.join(f'{n} {status}' for status, n in counts.items())}."
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -41,7 +63,20 @@ def _check(args: argparse.Namespace) -> int:
     except ImportError as exc:  # the `test` extra (pytest, hypothesis) is not installed
         print(f"proxim check needs the test extra: pip install 'proxim[test]' ({exc})", file=sys.stderr)
         return 2
-    return check_installed(args.names, args.kind, max_examples=args.max_examples, device=args.device, verbose=args.verbose)
+    settings = dict(args.set or ())
+    return check_installed(args.names, args.kind, settings=settings, max_examples=args.max_examples, device=args.device, verbose=args.verbose)
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``--set FIELD=VALUE``: the value as a Python literal (``0.1``, ``None``, ``True``, ``'group'``), or else the text itself."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE (eps_low=0.1, or region.eps_low=0.1), got {text!r}")
+    try:
+        parsed: object = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip(), parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--kind", action="append", choices=("baseline", "advantage", "region", "preference"), help="check only this kind (repeatable)")
     check.add_argument("--max-examples", type=int, default=None, metavar="N", help="hypothesis examples per check (default 25)")
     check.add_argument("--device", default=None, help="call the parts on this device, e.g. cuda (default cpu)")
+    check.add_argument(
+        "--set",
+        action="append",
+        type=_setting,
+        metavar="FIELD=VALUE",
+        help="check at this hyperparameter value (repeatable): routed by field name to the part that has it, "
+        "or qualified as KIND.FIELD or NAME.FIELD (region.eps_low=0.1); values are Python literals",
+    )
     check.add_argument("-v", "--verbose", action="store_true", help="list every check run on every part")
     check.set_defaults(run=_check)
     try:

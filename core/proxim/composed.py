@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from proxim import aggregation
-from proxim.diagnostics import region_metrics, stage_one_metrics
+from proxim.diagnostics import check_declared_metrics, check_metric_keys, mean_or_zero, region_metrics, stage_one_metrics
 from proxim.errors import BatchError, ConfigurationError
-from proxim.ops import Padding, kl_estimate, masked_sum, sequence_to_token_rewards, zero_padding
+from proxim.ops import Padding, compute_dtype, kl_estimate, masked_sum, sequence_to_token_rewards, zero_padding
 from proxim.options import Options
 from proxim.parts import Advantage, Baseline, Part, TrustRegion
 from proxim.penalties import value_loss
@@ -89,17 +89,28 @@ class Objective:
 
     # -- stage 1 --------------------------------------------------------------------------------
     def advantages(self, batch: Rollout) -> Estimate:
-        """Per-token advantages [B, T] (and critic returns) for a rollout batch. Runs without grad."""
+        """Per-token advantages [B, T] (and critic returns) for a rollout batch. Runs without grad.
+
+        Computed in float32 at least: half-precision (float16, bfloat16) tensors of the batch are upcast
+        first, and the advantages come back in float32, or in the log-probs' dtype when it is wider. An
+        empty batch (B = 0 or T = 0) gives empty advantages and metrics of 0.
+        """
         self._check_requires(batch)
         with torch.no_grad():
+            batch = _at_least_float32(batch)
             shaped, totals, kl_penalty = self._shape_rewards(batch)
             self._check_group_sizes(shaped)
-            baseline = self.baseline(shaped._with(rewards=totals))
-            raw = self.advantage(shaped, baseline)
             mask = batch.mask
-            adv = zero_padding(raw.advantages.to(batch.old_logprobs.dtype), mask)
-            returns = None if raw.returns is None else zero_padding(raw.returns.to(adv.dtype), mask)
-            metrics = dict(raw.metrics)
+            if mask.numel() == 0:  # B = 0 or T = 0: [B, T] results have no entries to compute; no part is called
+                adv = torch.zeros(mask.shape, dtype=batch.old_logprobs.dtype, device=mask.device)
+                returns, metrics = (adv if self.has_critic else None), {}
+            else:
+                baseline = self.baseline(shaped._with(rewards=totals))
+                raw = self.advantage(shaped, baseline)
+                check_metric_keys("advantage", self.advantage, raw.metrics)
+                adv = zero_padding(raw.advantages.to(batch.old_logprobs.dtype), mask)
+                returns = None if raw.returns is None else zero_padding(raw.returns.to(adv.dtype), mask)
+                metrics = {f"advantage/{key}": value for key, value in raw.metrics.items()}
             metrics.update(stage_one_metrics(batch, adv))
             if kl_penalty is not None:
                 metrics["reward/kl_penalty"] = kl_penalty
@@ -145,14 +156,15 @@ class Objective:
             kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, self.options.kl_estimator)
             kl_tokens = self.options.kl_coef * zero_padding(kl, mask)
             totals = totals - kl_tokens.sum(dim=1)
+        kl_penalty = None if kl_tokens is None else mean_or_zero(kl_tokens.sum(dim=1))
         if not self.advantage.token_level:
-            return batch._with(rewards=totals), totals, None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
+            return batch._with(rewards=totals), totals, kl_penalty
         if rewards.dim() == 1:
             rewards = sequence_to_token_rewards(rewards, mask)
         rewards = zero_padding(rewards, mask)
         if kl_tokens is not None:
             rewards = rewards - kl_tokens
-        return batch._with(rewards=rewards), totals, None if kl_tokens is None else kl_tokens.sum(dim=1).mean()
+        return batch._with(rewards=rewards), totals, kl_penalty
 
     def _check_group_sizes(self, batch: Rollout) -> None:
         for kind, part in self.parts.items():
@@ -182,10 +194,16 @@ class Objective:
     ) -> LossOutput:
         """The scalar loss for a (mini)batch.
 
+        Computed in float32 at least: half-precision (float16, bfloat16) `logprobs` (and `values`,
+        `entropy`) are upcast inside, the gradient flows back to them in their own dtype, and the loss
+        and metrics come back in float32. An empty batch (B = 0 or T = 0) gives loss 0, a zero gradient
+        and metrics of 0, like a fully masked one.
+
         logprobs:   [B, T] log-probs of the sampled tokens under the current policy (with grad).
         values:     [B, T] current critic values, needed when the objective trains a critic.
         normalizer: the aggregation denominator counted over the whole step (`Objective.normalizer`), so
                     that micro-batch losses sum to the full-batch loss; default, this batch's own count.
+                    A positive, finite number (a `BatchError` otherwise; see `aggregation.check_normalizer`).
         entropy:    [B, T] per-token policy entropy, needed when entropy_coef > 0.
         metrics:    False skips the per-token diagnostics (the region's clip fractions, ratio statistics,
                     approximate KL), which cost about as much as the loss itself on CPU: for steps that
@@ -195,13 +213,15 @@ class Objective:
         mask = batch.mask
         self._check_requires(batch, self._stage_two_requires())
         _check_stage_two("logprobs", logprobs, mask)
+        aggregation.check_normalizer(normalizer)
         opts = self.options
         # Every tensor entering the math is zeroed at masked positions once, here (padding may hold NaN
         # or inf); the aggregation masks what comes out, so nothing from padding reaches loss or gradient.
-        padding = _padding(batch, logprobs.dtype)
-        lp = padding.zero(logprobs)
+        # Half precision is upcast first: exp(12) already overflows float16.
+        padding = _padding(batch, compute_dtype(logprobs.dtype))
+        lp = padding.zero(logprobs.to(padding.dtype))
         anchor = _zeroed(batch, "old_logprobs" if opts.anchor == "old" else "rollout_logprobs", padding)
-        adv = estimate.advantages.to(logprobs.dtype)
+        adv = estimate.advantages.to(padding.dtype)
         if adv.shape != mask.shape:
             raise BatchError(f"estimate.advantages has shape {tuple(adv.shape)} but the batch is {tuple(mask.shape)}; slice both with the same index.")
 
@@ -221,12 +241,13 @@ class Objective:
             if entropy is None:
                 raise BatchError(f"entropy_coef={opts.entropy_coef} needs loss(..., entropy=[B, T] per-token entropies).")
             _check_stage_two("entropy", entropy, mask)
-            ent = agg(padding.zero(entropy))
+            ent = agg(padding.zero(entropy.to(padding.dtype)))
             total = total - opts.entropy_coef * ent
             out["loss/entropy"] = ent.detach()
         if self.has_critic and opts.value_coef > 0:
             total = total + opts.value_coef * self._value_term(values, batch, estimate, agg, out)
         if metrics:
+            check_metric_keys("region", self.region, region.metrics)
             out.update(region_metrics(region.metrics, lp.detach(), anchor, padding))
         out["loss/total"] = total.detach()
         return LossOutput(loss=total, metrics=out)
@@ -240,16 +261,23 @@ class Objective:
         _check_stage_two("values", values, batch.mask)
         if estimate.returns is None or batch.values is None:
             raise BatchError(f"advantage {self.advantage.name!r} produced no returns to regress the critic on.")
-        padding = _padding(batch, values.dtype)
+        padding = _padding(batch, compute_dtype(values.dtype))
         per_token = value_loss(
-            padding.zero(values),
+            padding.zero(values.to(padding.dtype)),
             _zeroed(batch, "values", padding),
-            estimate.returns.to(values.dtype),
+            estimate.returns.to(padding.dtype),
             self.options.value_clip,
         )
         term = agg(per_token)
         metrics["loss/value"] = term.detach()
         return term
+
+
+def _at_least_float32(batch: Rollout) -> Rollout:
+    """`batch` with its half-precision tensors (log-probs, values, rewards) upcast to float32, for stage 1."""
+    fields = ("old_logprobs", "rewards", "ref_logprobs", "values", "rollout_logprobs")
+    half = {f: t.to(wide) for f in fields if (t := getattr(batch, f)) is not None and (wide := compute_dtype(t.dtype)) != t.dtype}
+    return batch._with(**half) if half else batch
 
 
 def _padding(batch: Rollout, dtype: torch.dtype) -> Padding:
@@ -282,6 +310,8 @@ def assemble(parts: Mapping[str, Part], options: Mapping[str, object], preset: s
         raise ConfigurationError(f"objective option: {error_message(exc)}") from exc
     baseline, advantage, region = parts["baseline"], parts["advantage"], parts["region"]
     assert isinstance(baseline, Baseline) and isinstance(advantage, Advantage) and isinstance(region, TrustRegion)
+    check_declared_metrics("advantage", advantage)
+    check_declared_metrics("region", region)
     if advantage.needs_state_values and not baseline.provides_state_values:
         raise ConfigurationError(
             f"advantage {advantage.name!r} bootstraps from state values V(s_t), which baseline {baseline.name!r} "

@@ -19,7 +19,19 @@ class PluginError(ProximError, RuntimeError):
 
 
 class DuplicateNameError(PluginError):
-    """Two plugins registered the same name for the same kind of part."""
+    """Two plugins registered the same name for the same kind of part; the plugin loaded second is left out."""
+
+
+class UnavailableError(UnknownNameError, PluginError):
+    """A name that a broken plugin registers, or a preset that needs a part no loaded plugin registers.
+
+    The message names the plugin, its distribution and version, and the failure (chained as the cause).
+    Both an `UnknownNameError` (a `LookupError`) and a `PluginError`, so either ``except`` catches it.
+    """
+
+
+class PluginWarning(UserWarning):
+    """Issued once when a registry is built without some broken plugins; the message lists each with its reason."""
 
 
 class ConfigurationError(ProximError, ValueError):

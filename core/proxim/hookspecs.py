@@ -2,8 +2,9 @@
 
 Each hook hands the plugin a typed ``register`` callable. A plugin calls ``register(PartClass)`` once
 per part it supplies (or ``register(Preset(...))`` for presets); ``register`` validates the part on
-the spot, so a broken part fails at the plugin's own ``register(...)`` line. Hooks run once, when the
-registry is built; nothing here is called while computing advantages or losses.
+the spot, so a broken part fails at the plugin's own ``register(...)`` line, and that plugin alone is
+left out of the registry. Hooks run once, when the registry is built, each plugin's through a pluggy
+manager of its own; nothing here is called while computing advantages or losses.
 
 Compatibility promise: a hook spec may gain arguments in a later release; an implementation that
 accepts fewer arguments keeps working (pluggy passes only the arguments an implementation names).

@@ -17,7 +17,7 @@ from proxim.options import Options
 from proxim.parts import AXES, Advantage, Part, check_part_instance
 from proxim.preference import PreferenceObjective
 from proxim.registry import PartInfo, Registry, default_registry
-from proxim.routing import construct, route
+from proxim.routing import construct, route, route_preference
 
 __all__ = ["Objective", "Options", "PartSpec", "objective", "preference_objective"]
 
@@ -88,12 +88,11 @@ def objective(
             f"Preference losses: {', '.join(preferences) or '(none)'}."
         )
     chosen: dict[str, PartSpec] = {"baseline": baseline, "advantage": advantage, "region": region}
+    for kind, spec in chosen.items():
+        _check_spec(reg, kind, spec)
     preset_record = reg.get("preset", preset) if preset is not None else None
     if preset_record is None and advantage is None:
-        raise ConfigurationError(
-            "name a preset or an advantage: objective('grpo') or objective(advantage='group_normalized', ...). "
-            f"Presets: {', '.join(sorted(reg.entries['preset']))}."
-        )
+        _no_advantage(reg, chosen)
     from_preset = {kind: preset_record is not None and chosen[kind] is None for kind in AXES}
     if preset_record is not None:
         chosen = {kind: spec if spec is not None else getattr(preset_record, kind) for kind, spec in chosen.items()}
@@ -112,7 +111,7 @@ def objective(
             parts[kind] = construct(cls, kind, {})
             sources[kind] = reg.info(kind, spec)
         else:
-            assert isinstance(spec, Part)
+            assert isinstance(spec, AXES[kind])  # _check_spec
             check_part_instance(spec, kind)
             parts[kind] = spec
             sources[kind] = reg.info_of(spec)
@@ -137,18 +136,54 @@ def preference_objective(name: str, /, *, registry: Registry | None = None, **ov
 
 
 def _preference(reg: Registry, name: str, overrides: Mapping[str, object]) -> PreferenceObjective:
-    cls = reg.get("preference", name)
-    fields = cls.hyperparameters()
-    kwargs: dict[str, object] = {}
-    for key, value in overrides.items():
-        field = key.removeprefix("preference.")
-        if field not in fields:
-            raise UnknownNameError(
-                f"override {key!r}: preference loss {name!r} has no hyperparameter {field!r}.{suggest(field, fields)} "
-                f"Its hyperparameters: {', '.join(fields) or '(none)'}."
-            )
-        kwargs[field] = value
-    return PreferenceObjective(preference=construct(cls, "preference", kwargs), source=reg.info("preference", name))
+    part = route_preference(construct(reg.get("preference", name), "preference", {}), overrides, origin="override")
+    return PreferenceObjective(preference=part, source=reg.info("preference", name))
+
+
+def _check_spec(reg: Registry, kind: str, spec: PartSpec) -> None:
+    """Refuse what `kind=` cannot take: a class (saying which instance or name to pass instead), a part of
+    another axis, or anything else that is neither a name nor a part."""
+    base = AXES[kind]
+    if spec is None or isinstance(spec, (str, base)):
+        return
+    names = f"a registered {kind} name ({', '.join(sorted(reg.entries[kind]))})"
+    if isinstance(spec, type) and issubclass(spec, base):
+        name = getattr(spec, "name", None)
+        registered = isinstance(name, str) and reg.entries[kind].get(name, (None,))[0] is spec
+        by_name = f" or its registered name, {kind}={name!r}" if registered else ""
+        raise ConfigurationError(f"{kind}={spec.__qualname__} is a class, but {kind}= takes an instance: pass {kind}={spec.__qualname__}(){by_name}.")
+    if isinstance(spec, type) and issubclass(spec, Part):
+        what = f"a {spec.kind} class" if isinstance(getattr(spec, "kind", None), str) else "a class of no axis"
+        raise ConfigurationError(f"{kind}={spec.__qualname__} is {what}, not {_article(kind)}; pass a proxim.{base.__name__} instance or {names}.")
+    if isinstance(spec, Part):
+        raise ConfigurationError(f"{kind}={spec.describe()} is a {spec.kind}, not {_article(kind)}; pass a proxim.{base.__name__} instance or {names}.")
+    raise ConfigurationError(f"{kind}= takes {names} or a proxim.{base.__name__} instance, got {spec!r} ({type(spec).__name__}).")
+
+
+def _article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _no_advantage(reg: Registry, chosen: Mapping[str, PartSpec]) -> None:
+    """Raise: no preset and no advantage. Names the parts that were given, and whether each name is registered."""
+    listing = f"Presets: {', '.join(sorted(reg.entries['preset']))}. Advantages: {', '.join(sorted(reg.entries['advantage']))}."
+    given = {kind: spec for kind, spec in chosen.items() if spec is not None}
+    if not given:
+        raise ConfigurationError(f"name a preset or an advantage: objective('grpo') or objective(advantage='group_normalized', ...). {listing}")
+    spelled = ", ".join(f"{kind}={spec!r}" if isinstance(spec, str) else f"{kind}={spec.describe()}" for kind, spec in given.items())
+    example = ", ".join(f"{kind}={spec!r}" if isinstance(spec, str) else f"{kind}=..." for kind, spec in given.items())
+    message = (
+        f"{spelled} alone does not make an objective: name a preset or an advantage, e.g. objective('grpo', {example}) "
+        f"or objective(advantage='group_normalized', {example}). {listing}"
+    )
+    unknown = False
+    for kind, spec in given.items():
+        if isinstance(spec, str) and spec in reg.entries[kind]:
+            message += f" ({spec!r} is a registered {kind}.)"
+        elif isinstance(spec, str):
+            unknown, known = True, sorted(reg.entries[kind])
+            message += f" And no {kind} is registered as {spec!r}.{suggest(spec, known)} Registered {kind}s: {', '.join(known)}."
+    raise (UnknownNameError if unknown else ConfigurationError)(message)
 
 
 def _applies(key: str, from_preset: Mapping[str, bool]) -> bool:
@@ -161,8 +196,5 @@ def _advantage_class(reg: Registry, spec: PartSpec) -> type[Advantage]:
     """The advantage's class, for its `default_baseline`: registered as `spec`, or `spec`'s own."""
     if isinstance(spec, str):
         return reg.get("advantage", spec)
-    if isinstance(spec, Advantage):
-        return type(spec)
-    if isinstance(spec, Part):
-        check_part_instance(spec, "advantage")  # raises: a part of another kind
-    raise ConfigurationError(f"advantage= takes a registered name or a part instance, got {spec!r}.")
+    assert isinstance(spec, Advantage)  # _check_spec refused anything else
+    return type(spec)

@@ -19,6 +19,12 @@ the same): exp(20) ~ 4.9e8 keeps ratios, their squares and their products finite
 """
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype proxim computes in for inputs of `dtype`: float32 at least (float16 and bfloat16 are
+    upcast, float64 stays). exp(12) already overflows float16, and rewards of 1e5 do not fit in it."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class Padding(NamedTuple):
     """A mask with what masking many [B, T] tensors of one dtype needs, derived once: `zero` and `sum`
     replace ``torch.where(mask, x, 0)`` (and its sum) on the loss's hot path.
@@ -209,6 +215,8 @@ def _mean_by(x: Tensor, index: Tensor, k: int, count: Tensor) -> Tensor:
 
 def last_token(mask: Tensor) -> Tensor:
     """[B, T] bool -> [B, T] bool marking each row's last True position (none for an empty row)."""
+    if mask.shape[1] == 0:  # no positions (amax over none is an error)
+        return mask.clone()
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, positions, torch.full_like(positions, -1)).amax(dim=1, keepdim=True)
     return mask & (positions == last)

@@ -40,6 +40,11 @@ class Part:
     (``proxim.testing``) then checks, e.g. ``frozenset({"zero_sum_per_group", "shift_invariant"})``;
     the names and their meaning are listed in ``proxim.testing.PROPERTIES``. Empty by default.
     """
+    metric_names: ClassVar[frozenset[str]] = frozenset()
+    """The metric keys the part may return (an advantage's ``Estimate.metrics``, a region's
+    ``RegionOutput.metrics``), published as ``advantage/<key>`` or ``region/<key>``. Optional: declared,
+    they are checked against the keys the objective publishes itself when the objective is built;
+    undeclared, when the part first returns them. Empty by default (baselines return no metrics)."""
 
     def declared_properties(self) -> frozenset[str]:
         """The `properties` that hold for these hyperparameter values; override when some depend on them."""
@@ -208,31 +213,35 @@ class Preset:
     kind: ClassVar[str] = "preset"
 
 
-def check_part_class(obj: object, kind: str, plugin: str) -> type[Part]:
-    """Raise `PluginError` unless `obj` is a usable part class of `kind`; return it."""
+def check_part_class(obj: object, kind: str, plugin: str, *, who: str | None = None) -> type[Part]:
+    """Raise `PluginError` unless `obj` is a usable part class of `kind`; return it.
+
+    who: how the messages name the registering plugin (default ``plugin 'NAME'``).
+    """
     base = PART_KINDS[kind]
-    where = f"plugin {plugin!r} registered"
+    who = who or f"plugin {plugin!r}"
     if not isinstance(obj, type):
         hint = f" (pass the class {type(obj).__name__}, not an instance)" if isinstance(obj, Part) else ""
-        raise PluginError(f"{where} {obj!r} as a {kind}, but register() takes a class{hint}.")
+        raise PluginError(f"{who} registered {obj!r} as a {kind}, but register() takes a class{hint}.")
     if not issubclass(obj, base):
-        raise PluginError(f"{where} {obj.__qualname__} as a {kind}, but it does not subclass proxim.{base.__name__}.")
-    _check_identity(obj, kind, plugin)
-    _check_signature(obj, kind, plugin)
+        raise PluginError(f"{who} registered {obj.__qualname__} as a {kind}, but it does not subclass proxim.{base.__name__}.")
+    _check_identity(obj, kind, who)
+    _check_signature(obj, kind, who)
     try:
         obj()
     except Exception as exc:
-        raise PluginError(f"{where} {kind} {obj.name!r}, but {obj.__qualname__}() with default hyperparameters raised {exc!r}.") from exc
+        raise PluginError(f"{who} registered {kind} {obj.name!r}, but {obj.__qualname__}() with default hyperparameters raised {exc!r}.") from exc
     return obj
 
 
-def check_task_class(obj: object, plugin: str) -> type[Task]:
+def check_task_class(obj: object, plugin: str, *, who: str | None = None) -> type[Task]:
     """Raise `PluginError` unless `obj` is a `Task` subclass with a valid name; return it."""
+    who = who or f"plugin {plugin!r}"
     if not (isinstance(obj, type) and issubclass(obj, Task)):
-        raise PluginError(f"plugin {plugin!r} registered {obj!r} as a task, but tasks are proxim.tasks.Task subclasses.")
+        raise PluginError(f"{who} registered {obj!r} as a task, but tasks are proxim.tasks.Task subclasses.")
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):
-        raise PluginError(f"plugin {plugin!r}: task class {obj.__qualname__} needs a lower_snake_case class attribute `name`, got {name!r}.")
+        raise PluginError(f"{who}: task class {obj.__qualname__} needs a lower_snake_case class attribute `name`, got {name!r}.")
     return obj
 
 
@@ -241,32 +250,29 @@ def check_part_instance(obj: Part, kind: str) -> None:
     base = PART_KINDS[kind]
     if not isinstance(obj, base):
         raise PluginError(f"{kind}= takes a name or a proxim.{base.__name__} instance, got {obj!r}.")
-    _check_identity(type(obj), kind, "<instance>")
-    _check_signature(type(obj), kind, "<instance>")
+    _check_identity(type(obj), kind, "plugin '<instance>'")
+    _check_signature(type(obj), kind, "plugin '<instance>'")
 
 
-def _check_identity(cls: type[Part], kind: str, plugin: str) -> None:
+def _check_identity(cls: type[Part], kind: str, who: str) -> None:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):
         raise PluginError(
-            f"plugin {plugin!r}: {kind} class {cls.__qualname__} needs a class attribute `name`, a lower_snake_case string such as 'my_{kind}'; got {name!r}."
+            f"{who}: {kind} class {cls.__qualname__} needs a class attribute `name`, a lower_snake_case string such as 'my_{kind}'; got {name!r}."
         )
     requires = cls.requires
     if not isinstance(requires, frozenset) or not requires <= set(OPTIONAL_FIELDS):
-        unknown = sorted(set(requires) - set(OPTIONAL_FIELDS)) if isinstance(requires, (set, frozenset)) else requires
-        raise PluginError(
-            f"plugin {plugin!r}: {kind} {name!r} requires unknown Rollout fields {unknown}; `requires` must be a frozenset drawn from {list(OPTIONAL_FIELDS)}."
-        )
+        unknown = sorted(set(requires) - set(OPTIONAL_FIELDS)) if isinstance(requires, (set, frozenset)) else []
+        got = f"unknown Rollout fields {unknown}" if unknown else f"{requires!r}, which is not a frozenset"
+        raise PluginError(f"{who}: {kind} {name!r} requires {got}; `requires` must be a frozenset drawn from {list(OPTIONAL_FIELDS)}.")
 
 
-def _check_signature(cls: type[Part], kind: str, plugin: str) -> None:
+def _check_signature(cls: type[Part], kind: str, who: str) -> None:
     expected = ", ".join(("self", *cls.call_arguments))
     try:
         inspect.signature(cls.__call__).bind(None, *cls.call_arguments)
     except TypeError:
         got = inspect.signature(cls.__call__)
-        raise PluginError(
-            f"plugin {plugin!r}: {kind} {cls.name!r} must define __call__({expected}); {cls.__qualname__}.__call__ has signature {got}."
-        ) from None
+        raise PluginError(f"{who}: {kind} {cls.name!r} must define __call__({expected}); {cls.__qualname__}.__call__ has signature {got}.") from None
     if cls.__call__ is PART_KINDS[kind].__call__:
-        raise PluginError(f"plugin {plugin!r}: {kind} {cls.name!r} does not implement __call__({expected}).")
+        raise PluginError(f"{who}: {kind} {cls.name!r} does not implement __call__({expected}).")

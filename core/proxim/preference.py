@@ -6,16 +6,18 @@ with a chosen (y_w) and a rejected (y_l) response, scored by the policy and a fr
 
 from __future__ import annotations
 
-from typing import Any, cast
-
 import attrs
 import torch
 from torch import Tensor
 
+from proxim.aggregation import check_normalizer
+from proxim.diagnostics import mean_or_zero
 from proxim.errors import BatchError
+from proxim.ops import compute_dtype
 from proxim.parts import Preference
 from proxim.registry import PartInfo
 from proxim.rollout import LossOutput
+from proxim.routing import route_preference
 
 _INPUTS = ("chosen_logprobs", "rejected_logprobs", "ref_chosen_logprobs", "ref_rejected_logprobs")
 
@@ -40,8 +42,10 @@ class PreferenceObjective:
         return f"preference={self.preference.describe()}@{origin}"
 
     def override(self, **overrides: object) -> PreferenceObjective:
-        # cast: mypy's attrs plugin cannot see that every concrete Part is an attrs class.
-        return attrs.evolve(self, preference=attrs.evolve(cast(Any, self.preference), **overrides))
+        """A copy with hyperparameters changed (``beta=0.2`` or ``"preference.beta"``), checked like
+        `proxim.preference_objective`: an unknown name is an `UnknownNameError`, a bad value a
+        `ConfigurationError` naming the loss and the field."""
+        return attrs.evolve(self, preference=route_preference(self.preference, overrides, origin="override"))
 
     def __repr__(self) -> str:
         return f"PreferenceObjective({self.preference.describe()})"
@@ -58,24 +62,31 @@ class PreferenceObjective:
 
         Each argument is [B]: the sum over response tokens of the sampled tokens' log-probs, under the
         policy (with grad) or the frozen reference. `normalizer`: the number of pairs in the whole step,
-        so that micro-batch losses sum to the full-batch loss (default: this batch's B).
+        so that micro-batch losses sum to the full-batch loss (default: this batch's B), a positive finite
+        number. Computed in float32 at least (half-precision inputs are upcast; the gradient reaches them in
+        their dtype). An empty batch (B = 0) gives loss 0 and metrics of 0.
         """
         tensors = (chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs)
         _check_pairs(tensors)
-        chosen = chosen_logprobs - ref_chosen_logprobs.detach()
-        rejected = rejected_logprobs - ref_rejected_logprobs.detach()
+        check_normalizer(normalizer)
+        w, lo, ref_w, ref_l = (t.to(compute_dtype(t.dtype)) for t in tensors)
+        chosen = w - ref_w.detach()
+        rejected = lo - ref_l.detach()
         per_pair = self.preference(chosen, rejected)
-        denom = chosen.shape[0] if normalizer is None else normalizer
-        loss = per_pair.sum() / torch.as_tensor(denom, dtype=per_pair.dtype, device=per_pair.device).clamp(min=1)
+        if normalizer is None:  # this batch's pairs, at least 1 (no pairs: loss 0)
+            denom = torch.as_tensor(max(chosen.shape[0], 1), dtype=per_pair.dtype, device=per_pair.device)
+        else:
+            denom = torch.as_tensor(normalizer, dtype=per_pair.dtype, device=per_pair.device)
+        loss = per_pair.sum() / denom
         beta = getattr(self.preference, "beta", 1.0)
         with torch.no_grad():
             chosen_reward, rejected_reward = beta * chosen.detach(), beta * rejected.detach()
             metrics = {
                 "loss/preference": loss.detach(),
-                "preference/chosen_reward": chosen_reward.mean(),
-                "preference/rejected_reward": rejected_reward.mean(),
-                "preference/margin": (chosen_reward - rejected_reward).mean(),
-                "preference/accuracy": (chosen_reward > rejected_reward).to(per_pair.dtype).mean(),
+                "preference/chosen_reward": mean_or_zero(chosen_reward),
+                "preference/rejected_reward": mean_or_zero(rejected_reward),
+                "preference/margin": mean_or_zero(chosen_reward - rejected_reward),
+                "preference/accuracy": mean_or_zero((chosen_reward > rejected_reward).to(per_pair.dtype)),
             }
         return LossOutput(loss=loss, metrics=metrics)
 

@@ -1,60 +1,85 @@
 """Plugin discovery and the registry of parts it fills.
 
 Discovery reads the ``proxim`` entry-point group (built-in plugins are declared there too, by the
-``proxim`` distribution itself), registers each module with a pluggy manager, and calls the
-registration hooks once per plugin. The result is a plain `Registry` of classes; objectives hold the
-resolved parts, so pluggy is never on the training hot path.
+``proxim`` distribution itself). Each plugin is loaded on its own, with a pluggy manager of its own:
+imported, its ``proxim_*`` functions checked, and its registration hooks called once into a staging
+table. Only when all of that succeeded do its names join the registry: a plugin is all or nothing.
+Presets are checked last, once every part is known. The result is a plain `Registry` of classes;
+objectives hold the resolved parts, so pluggy is never on the training hot path.
+
+Quarantine: a plugin that fails anywhere (import, hook names, a ``register(...)`` check, a hook that
+raises, a name another plugin already has, a preset naming a part nobody registers) is left out with
+its reason in `Registry.plugins`. Every other plugin stays usable; the names it registered are held
+unavailable, so that asking for one raises `UnavailableError` naming the plugin and the failure; one
+`PluginWarning` lists the broken plugins when the registry is built. A preset that names a part of a
+plugin that is not loaded (blocked, disabled or broken) is unavailable alone; its plugin stays.
+
+Load order: the built-in plugins (distribution ``proxim``) first, then the others by entry-point name.
+A name stays with the plugin that registered it first, so a built-in part always keeps its name.
 
 Switches (read when a registry is built):
   PROXIM_DISABLE_PLUGIN_AUTOLOAD=1  load only the plugins of the ``proxim`` distribution itself
   PROXIM_BLOCK_PLUGINS=a,b          skip the plugins (entry-point names) a and b
+  PROXIM_STRICT_PLUGINS=1           raise a broken plugin's error instead of leaving it out
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, Literal, overload
 
 import attrs
-import pluggy
 
-from proxim import hookspecs
-from proxim.errors import DuplicateNameError, PluginError, UnknownNameError, suggest
-from proxim.parts import AXES, Advantage, Baseline, Part, Preference, Preset, TrustRegion, check_part_class, check_task_class
+from proxim.errors import PluginError, PluginWarning, UnknownNameError, suggest
+from proxim.loading import (
+    BUILTIN_DISTRIBUTION,
+    DIRECT,
+    KINDS,
+    NOT_LOADED,
+    HookMonitor,
+    Loader,
+    NameTable,
+    PartInfo,
+    PluginRecord,
+    Unavailable,
+    advice,
+    is_builtin,
+)
+from proxim.parts import Advantage, Baseline, Part, Preference, Preset, TrustRegion
 from proxim.tasks import Task
 
+__all__ = [
+    "BUILTIN_DISTRIBUTION",
+    "GROUP",
+    "KINDS",
+    "NameTable",
+    "PartInfo",
+    "PluginRecord",
+    "Registry",
+    "Unavailable",
+    "available",
+    "build_registry",
+    "default_registry",
+    "report_registry",
+]
+
 GROUP = "proxim"
-BUILTIN_DISTRIBUTION = "proxim"
-KINDS = tuple(hookspecs.HOOKS)
 
 
-class PartInfo(NamedTuple):
-    """Where a registered name came from."""
-
-    plugin: str
-    distribution: str
-    version: str
-
-
-@attrs.frozen
-class PluginRecord:
-    """One plugin the registry tried to load; `error` is set when it failed (non-strict builds only)."""
-
-    name: str
-    distribution: str
-    version: str
-    entry_point: str
-    error: str | None = None
+def _tables(entries: Mapping[str, Mapping[str, tuple[Any, PartInfo]]]) -> dict[str, NameTable]:
+    return {kind: table if isinstance(table, NameTable) else NameTable(table) for kind, table in entries.items()}
 
 
 @attrs.frozen(eq=False)
 class Registry:
-    """Every registered part and preset, by kind and name, with where each came from."""
+    """Every registered part and preset, by kind and name, with where each came from; the names held
+    unavailable (`unavailable`) and every plugin found, with its status (`plugins`)."""
 
-    entries: dict[str, dict[str, tuple[Any, PartInfo]]]
+    entries: dict[str, NameTable] = attrs.field(converter=_tables)
     plugins: tuple[PluginRecord, ...] = ()
 
     @overload
@@ -73,12 +98,20 @@ class Registry:
     def get(self, kind: str, name: str) -> Any: ...  # a kind known only at run time: any of the above
 
     def get(self, kind: str, name: str) -> Any:
-        """The part class (or `Preset`) registered as `name`; `UnknownNameError` lists what exists."""
+        """The part class (or `Preset`) registered as `name`.
+
+        `UnavailableError` when its plugin is broken (or, for a preset, a part it names is missing),
+        naming the plugin and the failure; `UnknownNameError` listing what exists, and the plugins that
+        are not loaded, when nothing registered it.
+        """
         table = self.entries[kind]
-        if name not in table:
-            known = sorted(table)
-            raise UnknownNameError(f"no {kind} named {name!r}.{suggest(name, known)} Registered {kind}s: {', '.join(known) or '(none)'}.")
-        return table[name][0]
+        entry = table.get(name)
+        if entry is not None:
+            return entry[0]
+        if name in table.withheld:
+            raise table.withheld[name].error()
+        known = sorted(table)
+        raise UnknownNameError(f"no {kind} named {name!r}.{suggest(name, known)} Registered {kind}s: {', '.join(known) or '(none)'}.{self._not_loaded()}")
 
     def info(self, kind: str, name: str) -> PartInfo:
         self.get(kind, name)
@@ -92,6 +125,17 @@ class Registry:
     def available(self) -> dict[str, dict[str, PartInfo]]:
         return {kind: {name: info for name, (_, info) in sorted(table.items())} for kind, table in self.entries.items()}
 
+    def unavailable(self) -> dict[str, dict[str, Unavailable]]:
+        """kind -> name -> why it cannot be used, for every name held unavailable."""
+        return {kind: dict(sorted(table.withheld.items())) for kind, table in self.entries.items()}
+
+    def _not_loaded(self) -> str:
+        absent = [r for r in self.plugins if r.status != "loaded"]
+        if not absent:
+            return ""
+        listing = "; ".join(r.error.rstrip(".") if r.error else f"{r.info.describe()}, {NOT_LOADED[r.status]}" for r in absent)
+        return f" Plugins not loaded, which may provide it: {listing}."
+
 
 def _dist_of(ep: EntryPoint) -> tuple[str, str]:
     dist = ep.dist
@@ -100,53 +144,8 @@ def _dist_of(ep: EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"] or dist.name, dist.version
 
 
-def _plugin_entry_points(autoload: bool, blocked: set[str], eps: Iterable[EntryPoint] | None) -> list[EntryPoint]:
-    found = list(entry_points(group=GROUP) if eps is None else eps)
-    chosen = []
-    for ep in sorted(found, key=lambda e: e.name):
-        if ep.name in blocked:
-            continue
-        if not autoload and _dist_of(ep)[0].lower() != BUILTIN_DISTRIBUTION:
-            continue
-        chosen.append(ep)
-    return chosen
-
-
-def _check_hook_names(module: object, plugin: str, dist: str) -> None:
-    """Fail on a ``proxim_*`` attribute that names no hook: almost always a misspelt hook."""
-    for attr in dir(module):
-        if attr.startswith("proxim_") and attr not in hookspecs.HOOKS.values() and callable(getattr(module, attr)):
-            raise PluginError(
-                f"plugin {plugin!r} (distribution {dist}) defines {attr!r}, which is not a proxim hook."
-                f"{suggest(attr, hookspecs.HOOKS.values())} Hooks: {', '.join(hookspecs.HOOKS.values())}."
-            )
-
-
-class _Registrar:
-    """The typed ``register`` callable handed to one plugin for one kind."""
-
-    def __init__(self, kind: str, info: PartInfo, table: dict[str, tuple[Any, PartInfo]]):
-        self.kind, self.info, self.table = kind, info, table
-
-    def __call__(self, part: Any) -> Any:
-        if self.kind == "preset":
-            if not isinstance(part, Preset):
-                raise PluginError(f"plugin {self.info.plugin!r}: presets are registered as proxim.Preset(...) records, got {part!r}.")
-            name = part.name
-        elif self.kind == "task":
-            name = check_task_class(part, self.info.plugin).name
-        else:
-            name = check_part_class(part, self.kind, self.info.plugin).name
-        if name in self.table:
-            other = self.table[name][1]
-            raise DuplicateNameError(
-                f"two plugins register the {self.kind} {name!r}: plugin {other.plugin!r} "
-                f"(distribution {other.distribution} {other.version}) and plugin {self.info.plugin!r} "
-                f"(distribution {self.info.distribution} {self.info.version}). Uninstall one, or block one "
-                f"with PROXIM_BLOCK_PLUGINS={self.info.plugin}."
-            )
-        self.table[name] = (part, self.info)
-        return part
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
 
 
 def build_registry(
@@ -155,92 +154,101 @@ def build_registry(
     autoload: bool | None = None,
     blocked: Iterable[str] | None = None,
     entry_points: Iterable[EntryPoint] | None = None,
-    strict: bool = True,
-    hook_monitor: pluggy.PluginManager | None = None,
+    strict: bool | None = None,
+    hook_monitor: HookMonitor | None = None,
 ) -> Registry:
-    """Discover plugins and collect what they register.
+    """Discover plugins and collect what they register, leaving out (quarantining) each broken plugin.
 
-    plugins: extra ``(name, module_or_object)`` pairs registered directly (tests, notebooks).
+    plugins: extra ``(name, module_or_object)`` pairs registered directly (tests, notebooks). They load
+             last, and their errors are raised: you asked for them.
     autoload / blocked: default to the environment switches above.
     entry_points: the entry points to consider (tests pass fakes); default, the installed ``proxim`` group.
-    strict: when False, a plugin that fails to load is recorded in `Registry.plugins` instead of raising.
-    hook_monitor: a plugin manager to use instead of a fresh one (tests attach hook-call monitoring).
+    strict: True raises once every plugin was tried: a broken plugin's own error (its type, message and
+            traceback), or one `PluginError` listing them when several are broken. False leaves them out
+            with one `PluginWarning`. Default: the PROXIM_STRICT_PLUGINS switch (off).
+    hook_monitor: called before every hook call (tests use it to prove no hook runs after this).
     """
     if autoload is None:
-        autoload = os.environ.get("PROXIM_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0")
+        autoload = not _env_flag("PROXIM_DISABLE_PLUGIN_AUTOLOAD")
     if blocked is None:
-        blocked = {b.strip() for b in os.environ.get("PROXIM_BLOCK_PLUGINS", "").split(",") if b.strip()}
-    pm = hook_monitor or pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
+        blocked = os.environ.get("PROXIM_BLOCK_PLUGINS", "").split(",")
+    blocked = {b.strip() for b in blocked if b.strip()}
+    if strict is None:
+        strict = _env_flag("PROXIM_STRICT_PLUGINS")
 
-    infos: dict[str, PartInfo] = {}
-    records: list[PluginRecord] = []
-    for ep in _plugin_entry_points(autoload, set(blocked), entry_points):
+    loader = Loader(hook_monitor)
+    for ep in sorted(_entry_points(entry_points), key=_load_order):
         dist, version = _dist_of(ep)
-        try:
-            module = _load(ep, dist, version)
-            _register(pm, module, ep.name, dist)
-        except PluginError as exc:
-            if strict:
-                raise
-            records.append(PluginRecord(ep.name, dist, version, ep.value, error=str(exc)))
-            continue
-        infos[ep.name] = PartInfo(ep.name, dist, version)
-        records.append(PluginRecord(ep.name, dist, version, ep.value))
+        info = PartInfo(ep.name, dist, version)
+        if ep.name in blocked:
+            loader.skip(info, ep.value, "blocked")
+        elif not autoload and not is_builtin(info):
+            loader.skip(info, ep.value, "disabled")
+        else:
+            loader.load(info, ep.value, functools.partial(_import, ep, info))
     for name, obj in plugins:
-        _register(pm, obj, name, "<direct>")
-        infos[name] = PartInfo(name, "<direct>", "")
-        records.append(PluginRecord(name, "<direct>", "", repr(obj)))
+        loader.load(PartInfo(name, DIRECT, ""), repr(obj), _given(obj), direct=True)
+    loader.check_presets()
 
-    entries: dict[str, dict[str, tuple[Any, PartInfo]]] = {kind: {} for kind in KINDS}
-    for kind, hook_name in hookspecs.HOOKS.items():
-        for plugin_name, info in infos.items():
-            plugin = pm.get_plugin(plugin_name)
-            if not any(impl.plugin is plugin for impl in getattr(pm.hook, hook_name).get_hookimpls()):
-                continue
-            others = [p for n, p in pm.list_name_plugin() if n != plugin_name]
-            caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
-            caller(register=_Registrar(kind, info, entries[kind]))
-    _check_presets(entries)
-    return Registry(entries=entries, plugins=tuple(records))
+    registry = Registry(entries=loader.tables, plugins=tuple(loader.records))
+    failures = [r.failure for r in registry.plugins if r.failure is not None]
+    if failures and strict:
+        if len(failures) == 1:
+            raise failures[0]
+        raise PluginError(f"{len(failures)} plugins are broken (PROXIM_STRICT_PLUGINS is on): {_listing(failures)}") from failures[0]
+    if failures:
+        one = len(failures) == 1
+        warnings.warn(
+            f"{len(failures)} proxim plugin{' is' if one else 's are'} broken and left out (asking for {'its' if one else 'their'} parts raises "
+            f"UnavailableError; everything else works): {_listing(failures)} `proxim plugins` lists every plugin; PROXIM_STRICT_PLUGINS=1 makes "
+            "a broken plugin an error.",
+            PluginWarning,
+            stacklevel=2,
+        )
+    return registry
 
 
-def _load(ep: EntryPoint, dist: str, version: str) -> object:
+def _listing(failures: Sequence[PluginError]) -> str:
+    return str(failures[0]) if len(failures) == 1 else " ".join(f"({i}) {failure}" for i, failure in enumerate(failures, 1))
+
+
+def _entry_points(eps: Iterable[EntryPoint] | None) -> list[EntryPoint]:
+    """`eps`, or the installed entry points of the ``proxim`` group."""
+    return list(entry_points(group=GROUP) if eps is None else eps)
+
+
+def _load_order(ep: EntryPoint) -> tuple[bool, str, str]:
+    """Built-in plugins first, then by entry-point name (and distribution, between equal names)."""
+    dist = _dist_of(ep)[0]
+    return dist.lower() != BUILTIN_DISTRIBUTION, ep.name, dist
+
+
+def _given(plugin: object) -> Callable[[], object]:
+    return lambda: plugin
+
+
+def _import(ep: EntryPoint, info: PartInfo) -> object:
     try:
         return ep.load()
     except Exception as exc:
         raise PluginError(
-            f"plugin {ep.name!r} (entry point {ep.name} = {ep.value!r} in group {GROUP!r}, distribution "
-            f"{dist} {version}) failed to import: {type(exc).__name__}: {exc}. Fix or uninstall that "
-            f"distribution, or skip it with PROXIM_BLOCK_PLUGINS={ep.name}."
+            f"plugin {ep.name!r} (entry point {ep.name} = {ep.value!r} in group {GROUP!r}, distribution {info.distribution} "
+            f"{info.version}) failed to import: {type(exc).__name__}: {exc}. {advice(info, 'Fix or uninstall that distribution')}"
         ) from exc
-
-
-def _register(pm: pluggy.PluginManager, module: object, name: str, dist: str) -> None:
-    _check_hook_names(module, name, dist)
-    try:
-        pm.register(module, name=name)
-        pm.check_pending()
-    except (pluggy.PluginValidationError, ValueError) as exc:
-        raise PluginError(f"plugin {name!r} (distribution {dist}) is invalid: {exc}") from exc
-
-
-def _check_presets(entries: dict[str, dict[str, tuple[Any, PartInfo]]]) -> None:
-    for name, (preset, info) in entries["preset"].items():
-        for kind in AXES:
-            part = getattr(preset, kind)
-            if part not in entries[kind]:
-                known = sorted(entries[kind])
-                raise PluginError(
-                    f"preset {name!r} from plugin {info.plugin!r} names the {kind} {part!r}, which no plugin "
-                    f"registered.{suggest(part, known)} Registered {kind}s: {', '.join(known)}."
-                )
 
 
 @functools.lru_cache(maxsize=1)
 def default_registry() -> Registry:
     """The process-wide registry, built on first use from the installed plugins."""
     return build_registry()
+
+
+def report_registry() -> Registry:
+    """The installed plugins' registry for a report (``proxim plugins``, ``proxim check``): broken plugins
+    are left out whatever PROXIM_STRICT_PLUGINS says, and without a warning, since the report lists them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)
+        return build_registry(strict=False)
 
 
 def available() -> dict[str, dict[str, PartInfo]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -31,3 +33,11 @@ def install(root: Path, dist: str, version: str, plugins: dict[str, str]) -> dic
 def forget(modules: dict[str, str]) -> None:
     for module in modules.values():
         sys.modules.pop(module, None)
+
+
+def run(args: list[str], site: Path, cwd: Path | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python ARGS`` in a subprocess that sees the fake distributions in `site`, with every PROXIM_*
+    switch cleared except those given in `env`."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROXIM_")}
+    environ.update(PYTHONPATH=str(site), **env)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=environ, cwd=cwd or site)

@@ -1,5 +1,6 @@
 """The contrib packages, installed for real: found by name through entry points, usable in an objective,
-listed by ``proxim plugins``, and switched off by PROXIM_DISABLE_PLUGIN_AUTOLOAD / PROXIM_BLOCK_PLUGINS.
+listed by ``proxim plugins``, and switched off by PROXIM_DISABLE_PLUGIN_AUTOLOAD / PROXIM_BLOCK_PLUGINS (and
+listed as such).
 
 Each test skips when its package is not installed (``pip install -e contrib/proxim-hello`` etc.); CI
 installs all three.
@@ -43,6 +44,7 @@ def needs(*dists: str) -> pytest.MarkDecorator:
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PROXIM_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     monkeypatch.delenv("PROXIM_BLOCK_PLUGINS", raising=False)
+    monkeypatch.delenv("PROXIM_STRICT_PLUGINS", raising=False)
 
 
 def _batch() -> proxim.Rollout:
@@ -113,7 +115,13 @@ def test_disable_autoload_keeps_only_the_builtins(tmp_path: Path) -> None:
     table = json.loads(out.stdout.splitlines()[0])
     assert {dist for names in table.values() for dist in names.values()} == {"proxim"}
     assert "clip" in table["region"] and "truncated_is" not in table["region"] and "sapo" not in table["preset"]
-    assert out.returncode == 0 and "grpo  (proxim " in out.stdout and "proxim-hello" not in out.stdout
+    assert out.returncode == 0 and "grpo  (proxim " in out.stdout
+    lines = out.stdout.splitlines()
+    for dist, plugin in CONTRIB.items():
+        header = f"{plugin}  ({dist} {version(dist)}; {dist.replace('-', '_')})"
+        assert lines[lines.index(header) + 1] == "    DISABLED: not loaded (PROXIM_DISABLE_PLUGIN_AUTOLOAD=1 loads only the built-in plugins)"
+        assert lines[lines.index(header) + 2] != "    region truncated_is", "a disabled plugin supplies nothing"
+    assert "plugins, 0 broken, 0 blocked, 3 disabled." in out.stdout
 
 
 @needs(*CONTRIB)
@@ -124,7 +132,10 @@ def test_block_list_skips_named_plugins_only(tmp_path: Path) -> None:
     assert "truncated_is" not in table["region"] and "length_weighted_mean" not in table["baseline"]
     assert "pairwise" not in table["advantage"], "built-in plugins can be blocked too"
     assert table["region"]["sapo"] == "proxim-sapo" and table["preset"]["grpo"] == "proxim"
-    assert "no region named 'truncated_is'." in out.stdout.splitlines()[1]
+    unknown = out.stdout.splitlines()[1]
+    assert "no region named 'truncated_is'." in unknown
+    assert "Plugins not loaded, which may provide it: plugin 'lampo' (distribution proxim " in unknown
+    assert f"plugin 'hello' (distribution proxim-hello {version('proxim-hello')}), blocked by PROXIM_BLOCK_PLUGINS" in unknown
 
 
 @needs(*CONTRIB)
@@ -146,7 +157,7 @@ def test_plugins_lists_contrib_and_a_broken_plugin_with_its_error(tmp_path: Path
     broken = lines[lines.index("broken  (proxim-broken 0.3; proxim_broken_plugin)") + 1]
     assert broken.startswith("    BROKEN: plugin 'broken' (entry point broken = 'proxim_broken_plugin'") and "RuntimeError: boom at import" in broken
     assert any(line.startswith("regions: ") and "sapo" in line and "truncated_is" in line for line in lines)
-    assert "plugins, 1 broken." in out.stdout
+    assert "plugins, 1 broken, 0 blocked, 0 disabled." in out.stdout and "Traceback" not in out.stdout + out.stderr
 
 
 @needs(*CONTRIB)
