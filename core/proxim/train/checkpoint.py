@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from proxim.errors import TrainingError
+from proxim.train import adapters
 from proxim.train.files import atomic_write
 from proxim.train.models import load_weights
 
@@ -153,7 +154,7 @@ def _write_files(tmp: Path, step: int, models: Mapping[str, nn.Module], optimiza
     from safetensors.torch import save_model
 
     for key, module in models.items():
-        target = tmp / ("model.safetensors" if key == PRIMARY else f"{key}.safetensors")
+        target = tmp / (_primary_file(module) if key == PRIMARY else f"{key}.safetensors")
         with _file(target, "writing"):
             if key == PRIMARY:
                 module.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
@@ -165,6 +166,11 @@ def _write_files(tmp: Path, step: int, models: Mapping[str, nn.Module], optimiza
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
     with _file(tmp / "config.toml", "writing"):
         (tmp / "config.toml").write_text(config_toml)
+
+
+def _primary_file(module: nn.Module) -> str:
+    """The weights file ``save_pretrained`` writes for the trained model: the adapter's, for a LoRA run."""
+    return adapters.ADAPTER_FILE if adapters.is_adapted(module) else "model.safetensors"
 
 
 def candidates(run_dir: Path) -> list[Path]:
@@ -192,8 +198,8 @@ def problem(directory: Path) -> str | None:
         return f"{state}: {exc}"
     if not isinstance(parsed, dict) or not isinstance(parsed.get("step"), int):
         return f"{state}: no step count in it"
-    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
-        return f"{directory}: no model.safetensors"
+    if not any((directory / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", adapters.ADAPTER_FILE)):
+        return f"{directory}: no model.safetensors (nor {adapters.ADAPTER_FILE})"
     if not (directory / "optimizer.pt").is_file():
         return f"{directory}: no optimizer.pt"
     return None
@@ -233,8 +239,10 @@ def load(directory: Path, *, accelerator: Accelerator, models: Mapping[str, nn.M
     from safetensors.torch import load_model
 
     for key, module in models.items():
-        with _file(directory / ("model.safetensors" if key == PRIMARY else f"{key}.safetensors"), "reading"):
-            if key == PRIMARY:
+        with _file(directory / (_primary_file(module) if key == PRIMARY else f"{key}.safetensors"), "reading"):
+            if key == PRIMARY and adapters.is_adapted(module):
+                adapters.load_adapter(module, directory)
+            elif key == PRIMARY:
                 load_weights(module, directory)
             else:
                 load_model(module, str(directory / f"{key}.safetensors"))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxim.errors import ConfigurationError
 from proxim.train.sections import (
+    Adapter,
     AdaptiveKL,
     CheckContext,
     Critic,
@@ -74,6 +75,7 @@ class CompareConfig(
     Start,
     Critic,
     Scoring,
+    Adapter,
     Steps,
     Sampling,
     Generation,
@@ -210,6 +212,7 @@ class PreferenceConfig(
     PreferencePairs,
     Start,
     Scoring,
+    Adapter,
     Steps,
     Sampling,
     Generation,
@@ -241,7 +244,7 @@ class PreferenceConfig(
 
 
 @config
-class SFTConfig(RunName, TaskChoice, Records, Model, WarmStart, Generation, SupervisedOptimizer, Run):
+class SFTConfig(RunName, TaskChoice, Records, Model, Adapter, WarmStart, Generation, SupervisedOptimizer, Run):
     """The settings of ``proxim sft``: ``--warmstart-steps``, ``--warmstart-lr`` and ``--warmstart-batch-size`` set the recipe."""
 
     command = "sft"
@@ -253,6 +256,8 @@ class SFTConfig(RunName, TaskChoice, Records, Model, WarmStart, Generation, Supe
         self.validate(CheckContext(registry or proxim.default_registry(), num_processes))
         if self.data is None and self.task is None:
             raise ConfigurationError('proxim sft needs --data sft.jsonl ({"prompt", "response"} records), or a task whose answers to train on.')
+        if self.data is None and self.lora_rank:
+            raise ConfigurationError("proxim sft without --data is the warm start, which trains the whole model; --lora-rank needs --data records.")
         if self.data is not None:
             from proxim.train.records import SUPERVISED_FIELDS, read_records
 
@@ -266,6 +271,7 @@ class RewardModelConfig(
     Records,
     PreferencePairs,
     Start,
+    Adapter,
     Steps,
     Sampling,
     Generation,

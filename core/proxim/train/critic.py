@@ -39,8 +39,11 @@ class ValueModel(nn.Module):
         return values
 
 
-def build_critic(lm: nn.Module, backbone_dir: str | None = None, trust_remote_code: bool = False) -> ValueModel:
-    """A critic whose backbone is the model in `backbone_dir` (``--critic-model``), or else a copy of `lm`'s decoder."""
+def build_critic(lm: nn.Module, backbone_dir: str | None = None, trust_remote_code: bool = False, checkpointing: bool = False) -> ValueModel:
+    """A critic whose backbone is the model in `backbone_dir` (``--critic-model``), or else a copy of `lm`'s decoder.
+
+    The copy is the critic's own: a LoRA policy's copy carries its own adapter (the base weights frozen, as in
+    the policy), trained by the value loss only; `checkpointing` turns on gradient checkpointing in it."""
     if backbone_dir is not None:
         from transformers import AutoModel
 
@@ -50,6 +53,10 @@ def build_critic(lm: nn.Module, backbone_dir: str | None = None, trust_remote_co
         if decoder is None or decoder is lm:
             raise ConfigurationError(f"{type(lm).__name__} exposes no decoder backbone (get_decoder()); give the critic its own model with --critic-model.")
         backbone = copy.deepcopy(decoder)
+    if checkpointing and backbone_dir is not None:
+        from proxim.train.adapters import enable_checkpointing
+
+        enable_checkpointing(backbone)
     hidden = getattr(backbone.config, "hidden_size", None) if hasattr(backbone, "config") else None
     if hidden is None:
         raise ConfigurationError("the critic backbone's config has no hidden_size.")

@@ -237,6 +237,23 @@ class Scoring(Checked):
     logprob_chunk_size: int = setting(4096, "token positions whose logits exist at once when gathering log-probs", min=1)
 
 
+@section("model")
+class Adapter(Checked):
+    lora_rank: int = setting(
+        0, "LoRA adapter rank (0: off, the model trains all its weights); the reference policy is then the model with its adapter disabled", min=0
+    )
+    lora_alpha: float = setting(16.0, "LoRA scaling alpha (the adapter's update is scaled by alpha / rank)", min=0.0, min_open=True)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA adapter's input", min=0.0, max=1.0)
+    lora_targets: list[str] = setting([], "module names that get adapters (e.g. q_proj v_proj); default every linear layer of the decoder", metavar="NAME")
+    merge_lora: bool = setting(False, "also save RUN/model-merged: the adapter merged into the weights, a plain model folder")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, more compute), policy and critic")
+
+    def validate(self, context: CheckContext) -> None:
+        if self.merge_lora and self.lora_rank == 0:
+            raise ConfigurationError("merge_lora saves the LoRA adapter merged into the weights, but lora_rank is 0 (no adapter); set --lora-rank.")
+        super().validate(context)
+
+
 # -- warm start ------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from proxim.train.adapters import is_adapted, plain_state_dict
 from proxim.train.generation import Generation, GeneratorContext, finish, left_pad, response_mask
 
 
@@ -72,12 +73,13 @@ class VLLMGenerator:
         return cls(context.model_dir, context.tokenizer, context.eos_ids, context.seed, max_len, context.gpu_memory_utilization)
 
     def sync(self, lm: Any) -> None:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in lm.state_dict().items()}
+        state = {k: v.float().cpu().contiguous() for k, v in plain_state_dict(lm).items()}
         if self.in_process:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
         else:
             with tempfile.TemporaryDirectory(prefix="proxim-vllm-") as tmp:
-                lm.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                plain = lm.get_base_model() if is_adapted(lm) else lm
+                plain.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": tmp})
         self.llm.reset_prefix_cache()
 

@@ -30,7 +30,7 @@ import torch
 import proxim
 from proxim.errors import ConfigurationError, TrainingError
 from proxim.ops import kl_estimate, masked_mean, masked_sum
-from proxim.train import distributed, models
+from proxim.train import adapters, distributed, models
 from proxim.train.config import TrainConfig
 from proxim.train.critic import build_critic, response_values
 from proxim.train.evaluation import evaluate_prompts
@@ -99,9 +99,9 @@ class Trainer:
             lm, self.tokenizer = models.load_policy(self.init_dir, c, tokenizer_beside=self.init_dir == session.path / "init")
             self.eos_ids = models.eos_ids(self.tokenizer, lm)
             self.n_params = sum(p.numel() for p in lm.parameters())
-            wants_reference = "ref_logprobs" in self.objective.requires or c.adaptive_kl
-            self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size) if wants_reference else None
-            critic = build_critic(lm, c.critic_model, c.trust_remote_code) if self.objective.has_critic else None
+            lm = adapters.prepare(lm, c, c.seed)  # LoRA and gradient checkpointing, as asked
+            self.reference = self._reference(lm) if "ref_logprobs" in self.objective.requires or c.adaptive_kl else None
+            critic = build_critic(lm, c.critic_model, c.trust_remote_code, c.gradient_checkpointing) if self.objective.has_critic else None
             policy = PolicyScorer(lm, c.logprob_chunk_size)
             groups = [(policy, c.lr)] + ([(critic, c.critic_lr if c.critic_lr is not None else c.lr)] if critic is not None else [])
             self.updates_per_step = c.epochs * -(-self.local_batch // (c.minibatch_size or self.local_batch))
@@ -121,6 +121,13 @@ class Trainer:
             self.generator.sync(self.lm)
             kl_coef = self.objective.options.kl_coef
             self.kl_controller = proxim.AdaptiveKLController(value=kl_coef, target=c.kl_target, horizon=c.kl_horizon) if c.adaptive_kl else None
+
+    def _reference(self, lm: Any) -> torch.nn.Module:
+        """The reference policy: the initial policy, frozen; with LoRA, the policy itself with its adapter disabled."""
+        c = self.config
+        if adapters.is_adapted(lm):
+            return adapters.WithoutAdapter(PolicyScorer(lm, c.logprob_chunk_size), lm)
+        return PolicyScorer(models.frozen_copy(self.init_dir, c, self.accelerator.device), c.logprob_chunk_size)
 
     @property
     def local_batch(self) -> int:
@@ -281,10 +288,11 @@ class Trainer:
         folder.store_eval("after", attrs.asdict(after))
         result = RunResult(folder.path, c.steps, before, after, time.perf_counter() - self.t_start, outcome.train_time)
         if session.is_main:
-            models.save_model_dir(self.lm, self.tokenizer, folder.path / "model")
             panels = informative(online_panels(folder.history(), before, after))
             write_figure(folder.path / "plot.png", panels, title=f"{label} on {c.task or 'prompts'}: {c.steps} steps")
         folder.write_summary(summary_table(result, label))
+        if session.is_main:
+            adapters.save_trained(self.lm, self.tokenizer, folder.path, c.merge_lora)  # last: merging changes the model
         self.generator.close()
         self.accelerator.wait_for_everyone()  # the main process writes the model and table; the others wait
         return result

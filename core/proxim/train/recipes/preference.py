@@ -29,7 +29,7 @@ import torch
 
 import proxim
 from proxim.errors import ConfigurationError
-from proxim.train import distributed, models
+from proxim.train import adapters, distributed, models
 from proxim.train.config import PreferenceConfig
 from proxim.train.evaluation import evaluate_prompts
 from proxim.train.figures import informative, write_figure
@@ -101,8 +101,12 @@ class PreferenceTrainer:
             lm.to(acc.device)
             self.eos_ids = models.eos_ids(self.tokenizer, lm)
             self.n_params = sum(p.numel() for p in lm.parameters())
-            self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size)
             self.pairs = preference_set(c, self.task, lm, self.tokenizer, self.eos_ids, acc)  # from the initial policy
+            lm = adapters.prepare(lm, c, c.seed)  # LoRA and gradient checkpointing, as asked
+            if adapters.is_adapted(lm):  # the reference: the policy with its adapter disabled, or a frozen copy
+                self.reference: torch.nn.Module = adapters.WithoutAdapter(PolicyScorer(lm, c.logprob_chunk_size), lm)
+            else:
+                self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size)
             for what, rows in (("training", self.pairs.train), ("held-out", self.pairs.held_out)):
                 if not rows:
                     raise ConfigurationError(f"{self.pairs.origin}: no {what} pairs (every sampled pair tied); raise --preference-prompts or --eval-size.")
@@ -234,10 +238,11 @@ class PreferenceTrainer:
         wall = time.perf_counter() - self.t_start
         result = PreferenceRunResult(folder.path, c.steps, before, after, wall, outcome.train_time, None, pairs_before, pairs_after)
         if session.is_main:
-            models.save_model_dir(self.lm, self.tokenizer, folder.path / "model")
             panels = informative(preference_panels(folder.history()))
             write_figure(folder.path / "plot.png", panels, title=f"{self.name} on {self.pairs.origin}: {c.steps} steps")
         folder.write_summary(preference_table(result, self.name))
+        if session.is_main:
+            adapters.save_trained(self.lm, self.tokenizer, folder.path, c.merge_lora)  # last: merging changes the model
         self.accelerator.wait_for_everyone()
         return result
 

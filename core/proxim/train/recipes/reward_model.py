@@ -31,7 +31,7 @@ from torch import Tensor
 
 import proxim
 from proxim.tasks import Task
-from proxim.train import distributed, models
+from proxim.train import adapters, distributed, models
 from proxim.train.config import RewardModelConfig
 from proxim.train.figures import informative, write_figure
 from proxim.train.optimization import Optimization, parameter_groups
@@ -155,10 +155,11 @@ def train_reward_model(
     session.folder.store_eval("after", attrs.asdict(after))
     result = RewardModelResult(session.path, config.steps, before, after, time.perf_counter() - t_start)
     if session.is_main:
-        models.save_model_dir(model, tokenizer, session.path / "model")
         panels = informative(reward_model_panels(session.folder.history()))
         write_figure(session.path / "plot.png", panels, title=f"reward model on {pairs.origin}: {config.steps} steps")
     session.folder.write_summary(reward_model_table(result))
+    if session.is_main:
+        adapters.save_trained(model, tokenizer, session.path, config.merge_lora)  # last: merging changes the model
     acc.wait_for_everyone()
     return result
 
@@ -194,7 +195,7 @@ def _reward_model_and_pairs(session: Session, config: RewardModelConfig, task: T
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = int(tokenizer.pad_token_id)  # where the score is read; saved with the model
-    return model.to(acc.device), tokenizer, pairs, backbone
+    return adapters.prepare(model.to(acc.device), config, config.seed, task_type="SEQ_CLS"), tokenizer, pairs, backbone
 
 
 def _describe(record: Mapping[str, float]) -> dict[str, str]:

@@ -25,7 +25,7 @@ import attrs
 import proxim
 from proxim.errors import ConfigurationError
 from proxim.tasks import Task
-from proxim.train import distributed, models
+from proxim.train import adapters, distributed, models
 from proxim.train.config import SFTConfig
 from proxim.train.evaluation import task_accuracy
 from proxim.train.figures import informative, write_figure
@@ -78,6 +78,8 @@ def sft(config: SFTConfig, *, resume: str | os.PathLike[str] | None = None, regi
         session.begin()
         held_out = [{"prompt": e.prompt, "response": task.completion(e)} for e in _held_out_examples(task, config.eval_size)]
         before = _evaluate(lm, tokenizer, held_out, task, config)
+        if config.gradient_checkpointing:
+            adapters.enable_checkpointing(lm)  # the same numbers, less memory
         entry, hit = warm_start(
             lm, tokenizer, task, model_identity=identity, steps=steps, settings=config, seed=config.seed, accelerator=session.accelerator,
             progress=session.progress.enabled, optimizer=SupervisedOptimizer.of(config),
@@ -93,9 +95,10 @@ def sft(config: SFTConfig, *, resume: str | os.PathLike[str] | None = None, regi
     session.folder.store_eval("before", attrs.asdict(before))
     session.folder.store_eval("after", attrs.asdict(after))
     if session.is_main:
-        models.save_model_dir(lm, tokenizer, session.path / "model")
         write_figure(session.path / "plot.png", informative(supervised_panels(session.folder.history())), title=f"sft: {outcome.steps} steps")
     session.folder.write_summary(supervised_table(result))
+    if session.is_main:
+        adapters.save_trained(lm, tokenizer, session.path, config.merge_lora)  # last: merging changes the model
     session.accelerator.wait_for_everyone()
     return result
 
@@ -107,6 +110,7 @@ def _on_records(
     evaluation before, how the loop ended)."""
     acc = session.accelerator
     train_rows, held_out = _split(config, tokenizer, records)
+    lm = adapters.prepare(lm, config, config.seed)  # LoRA and gradient checkpointing, as asked
     optimization = Optimization(acc, parameter_groups([(lm, config.warmstart_lr)]), config, horizon=steps)
     (prepared,) = optimization.prepare(lm)
     found = session.folder.load_eval("before") if session.resume else None
