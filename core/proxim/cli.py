@@ -67,6 +67,33 @@ def _check(args: argparse.Namespace) -> int:
     return check_installed(args.names, args.kind, settings=settings, max_examples=args.max_examples, device=args.device, verbose=args.verbose)
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """Write each region's loss and gradient coefficient against the ratio (CSV, JSON, PNG); see `proxim.explain`."""
+    from pathlib import Path
+
+    from proxim.errors import ProximError
+    from proxim.explain import explain, write
+
+    registry = report_registry()
+    names = args.regions or sorted(registry.available()["region"])
+    settings = dict(args.set or ())
+    try:
+        regions = [registry.get("region", name) for name in names]
+        unused = [k for k in settings if not any(k in cls.hyperparameters() for cls in regions)]
+        if unused:
+            raise ProximError(f"--set {unused[0]}: no region among {', '.join(names)} has that hyperparameter.")
+        parts = [cls(**{k: v for k, v in settings.items() if k in cls.hyperparameters()}) for cls in regions]
+    except (ProximError, LookupError, TypeError, ValueError) as exc:
+        print(f"proxim explain: error: {exc}", file=sys.stderr)
+        return 2
+    curves = [explain(part, points=args.points) for part in parts]
+    written = write(curves, Path(args.output))
+    for c in curves:
+        print(f"{c.description}: {'depends on the anchor probability' if c.depends_on_anchor else 'the same at every anchor probability'}")
+    print(f"written: {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _setting(text: str) -> tuple[str, object]:
     """``--set FIELD=VALUE``: the value as a Python literal (``0.1``, ``None``, ``True``, ``'group'``), or else the text itself."""
     key, eq, value = text.partition("=")
@@ -99,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("-v", "--verbose", action="store_true", help="list every check run on every part")
     check.set_defaults(run=_check)
+    explain = sub.add_parser(
+        "explain",
+        help="a trust region's per-token loss and gradient coefficient against the ratio (PNG, CSV, JSON)",
+        description="For each REGION (default every installed one), evaluate the region itself on one-token sequences with "
+        "log-ratios log(r) for r from 0.5 to 2, advantages +1 and -1, and anchor probabilities 0.1, 0.5 and 0.9 when the region "
+        "depends on them; the gradient coefficient d loss / d logprob comes from autograd. Writes explain.csv, explain.json "
+        "and REGION.png (matplotlib, the train extra) into --output.",
+    )
+    explain.add_argument("regions", nargs="*", metavar="REGION", help="regions to explain (see proxim plugins)")
+    explain.add_argument("--output", default="explain", metavar="DIR", help="where to write the files (default: explain)")
+    explain.add_argument("--set", action="append", type=_setting, metavar="FIELD=VALUE", help="a region hyperparameter, e.g. --set delta=0.1 (repeatable)")
+    explain.add_argument("--points", type=int, default=151, metavar="N", help="ratios on the grid (default 151)")
+    explain.set_defaults(run=_explain)
     try:
         from proxim.train.cli import add_subcommands
     except ImportError as exc:  # the `train` extra is not installed

@@ -66,3 +66,32 @@ def test_a_third_party_region_without_the_metrics_keyword(tmp_path: Path) -> Non
     assert (tmp_path / "explain.csv").read_text().splitlines()[0] == "region,advantage,anchor_prob,ratio,loss,grad"
     if (tmp_path / "doubled.png").exists():
         assert (tmp_path / "doubled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(*args: str) -> int:
+    from proxim.cli import main
+
+    return main(["explain", *args])
+
+
+def test_the_command_writes_the_data_with_a_region_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # DRPO with delta 0.08: g = A r w with w = 1 - sign(A) (p - mu) / delta and p = r mu (docs/parts.md); the command
+    # reports d loss / d logprob = -g. Grid r = 0.5, 1, 2.
+    assert _cli("quadratic", "--set", "delta=0.08", "--points", "3", "--output", str(tmp_path)) == 0
+    assert "depends on the anchor probability" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "explain.json").read_text())[0]["points"]
+    grad = {(r["advantage"], r["anchor_prob"], round(r["ratio"], 9)): r["grad"] for r in rows}
+    assert len(grad) == 2 * 3 * 3
+    assert grad[1.0, 0.5, 2.0] == pytest.approx(-2.0 * (1 - 0.5 / 0.08))  # p = 1.0: 10.5, pulled back hard
+    assert grad[1.0, 0.1, 2.0] == pytest.approx(-2.0 * (1 - 0.1 / 0.08))  # p = 0.2: 0.5
+    assert grad[-1.0, 0.1, 0.5] == pytest.approx(0.5 * (1 - 0.05 / 0.08))  # p = 0.05, A < 0: 0.1875
+    assert grad[1.0, 0.9, 1.0] == pytest.approx(-1.0)  # at the anchor every region gives -A
+    assert (tmp_path / "explain.csv").read_text().count("\n") == 1 + 18
+
+
+def test_the_command_names_the_problem_for_a_wrong_setting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("clip", "--set", "delta=0.1", "--output", str(tmp_path)) == 2
+    assert "no region among clip has that hyperparameter" in capsys.readouterr().err
+    assert _cli("clipp", "--output", str(tmp_path)) == 2
+    assert "clipp" in capsys.readouterr().err
+    assert not (tmp_path / "explain.csv").exists()
