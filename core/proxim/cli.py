@@ -31,7 +31,9 @@ def _plugins(args: argparse.Namespace) -> int:
     supplied: dict[str, list[str]] = {}
     for kind, table in registry.available().items():
         for name, info in table.items():
-            supplied.setdefault(info.plugin, []).append(f"{kind} {name}")
+            regime = registry.get("preset", name).training if kind == "preset" else {}
+            trains = f"  (trains with {', '.join(f'{k}={v}' for k, v in regime.items())})" if regime else ""
+            supplied.setdefault(info.plugin, []).append(f"{kind} {name}{trains}")
     broken = {r.name for r in registry.plugins if r.status == "broken"}
     for kind, withheld in registry.unavailable().items():
         for name, why in withheld.items():

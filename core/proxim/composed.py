@@ -2,7 +2,8 @@
 
 Stage 1 (`Objective.advantages`, once per rollout, no grad) turns rewards into per-token advantages.
 Stage 2 (`Objective.loss`, per minibatch, with grad) turns log-probs and advantages into a scalar loss,
-adding the KL, entropy and value terms the options ask for. Neither stage touches pluggy.
+adding the KL, entropy and value terms the options ask for, and weighting the policy term by the rollout
+correction when asked (`rollout_correction_weights`). Neither stage touches pluggy.
 Build one with `proxim.objective(...)`; `assemble` is the last step of that, shared with `Objective.override`.
 """
 
@@ -16,9 +17,17 @@ import torch
 from torch import Tensor
 
 from proxim import aggregation
-from proxim.diagnostics import check_declared_metrics, check_metric_keys, mean_or_zero, region_metrics, stage_one_metrics
+from proxim.diagnostics import (
+    GradientDiagnostics,
+    check_declared_metrics,
+    check_metric_keys,
+    gradient_diagnostics,
+    mean_or_zero,
+    region_metrics,
+    stage_one_metrics,
+)
 from proxim.errors import BatchError, ConfigurationError
-from proxim.ops import Padding, compute_dtype, kl_estimate, masked_sum, sequence_to_token_rewards, zero_padding
+from proxim.ops import Padding, compute_dtype, kl_estimate, log_ratio, masked_sum, sequence_to_token_rewards, zero_padding
 from proxim.options import Options
 from proxim.parts import Advantage, Baseline, Part, TrustRegion
 from proxim.penalties import value_loss
@@ -58,7 +67,7 @@ class Objective:
         needed = set().union(*(p.requires for p in self.parts.values()))
         if self.options.kl_coef > 0:
             needed.add("ref_logprobs")
-        if self.options.anchor == "rollout":
+        if self.options.anchor == "rollout" or self.options.rollout_correction != "none":
             needed.add("rollout_logprobs")
         return frozenset(needed)
 
@@ -121,7 +130,7 @@ class Objective:
         needed = set()
         if self.options.kl_in == "loss" and self.options.kl_coef > 0:
             needed.add("ref_logprobs")
-        if self.options.anchor == "rollout":
+        if self.options.anchor == "rollout" or self.options.rollout_correction != "none":
             needed.add("rollout_logprobs")
         if self.has_critic and self.options.value_coef > 0:
             needed.add("values")
@@ -135,10 +144,17 @@ class Objective:
                 users = [f"{k} {p.name!r}" for k, p in self.parts.items() if field in p.requires]
                 if field == "ref_logprobs" and self.options.kl_coef > 0:
                     users.append(f"kl_coef={self.options.kl_coef}")
-                if field == "rollout_logprobs":
+                if field == "rollout_logprobs" and self.options.anchor == "rollout":
                     users.append("anchor='rollout'")
+                if field == "rollout_logprobs" and self.options.rollout_correction != "none":
+                    users.append(f"rollout_correction={self.options.rollout_correction!r}")
                 why.append(f"Rollout.{field} (needed by {', '.join(users)})")
-            raise BatchError(f"this objective needs {'; '.join(why)}, but the batch has None there.")
+            fix = (
+                " Pass the inference engine's log-probs of the sampled tokens (Rollout.rollout_logprobs), or set rollout_correction='none'."
+                if "rollout_logprobs" in missing and self.options.rollout_correction != "none"
+                else ""
+            )
+            raise BatchError(f"this objective needs {'; '.join(why)}, but the batch has None there.{fix}")
 
     def _shape_rewards(self, batch: Rollout) -> tuple[Rollout, Tensor, Tensor | None]:
         """Rewards as the advantage wants them ([B, T] or [B]) and each sequence's total [B] for the
@@ -206,9 +222,13 @@ class Objective:
                     A positive, finite number (a `BatchError` otherwise; see `aggregation.check_normalizer`).
         entropy:    [B, T] per-token policy entropy, needed when entropy_coef > 0.
         metrics:    False skips the per-token diagnostics (the region's clip fractions, ratio statistics,
-                    approximate KL), which cost about as much as the loss itself on CPU: for steps that
-                    log nothing. The loss terms (``loss/*``) are reported either way; the loss and its
-                    gradient do not change.
+                    approximate KL, the rollout correction's weights), which cost about as much as the loss
+                    itself on CPU: for steps that log nothing. The loss terms (``loss/*``) are reported
+                    either way; the loss and its gradient do not change.
+
+        With ``rollout_correction="tis"`` the region's per-token loss is multiplied by the constant weights
+        of `rollout_correction_weights` before aggregation (the KL, entropy and value terms are not): each
+        token's gradient is the uncorrected one times its weight.
         """
         mask = batch.mask
         self._check_requires(batch, self._stage_two_requires())
@@ -229,9 +249,18 @@ class Objective:
             return aggregation.reduce(per_token, padding, opts.aggregation, normalizer, opts.max_length)
 
         region = self.region(lp, anchor, adv, mask, metrics=metrics)
-        policy = agg(region.loss)
+        per_token, correction = region.loss, None
+        if opts.rollout_correction != "none":
+            old, mu = _zeroed(batch, "old_logprobs", padding), _zeroed(batch, "rollout_logprobs", padding)
+            correction = rollout_correction_weights(old, mu, opts.rollout_correction_cap)
+            per_token = per_token * correction[0]
+        policy = agg(per_token)
         total = policy
         out = {"loss/policy": policy.detach()}
+        if correction is not None and metrics:
+            weights, truncated = correction
+            out["rollout_correction/weight_mean"] = padding.sum(weights) / padding.tokens
+            out["rollout_correction/truncated"] = (truncated & mask).sum(dtype=torch.int32).to(padding.dtype) / padding.tokens
         if opts.kl_in == "loss" and opts.kl_coef > 0:
             ref = _zeroed(batch, "ref_logprobs", padding)
             kl = agg(kl_estimate(lp, ref, opts.kl_estimator))
@@ -252,6 +281,18 @@ class Objective:
         out["loss/total"] = total.detach()
         return LossOutput(loss=total, metrics=out)
 
+    def gradient_diagnostics(self, logprobs: Tensor, batch: Rollout, estimate: Estimate) -> GradientDiagnostics:
+        """What this objective's trust region does to each token's gradient, in the terms every region shares
+        (zero-gradient and reversed fractions by the advantage's sign, the mean weight, the ratio's spread):
+        `proxim.diagnostics.gradient_diagnostics` on the region, against the objective's anchor. For putting
+        objectives side by side (``proxim compare``); it costs one elementwise pass and enters no loss. The
+        rollout correction is left out: its weights are positive constants per token, so they change no zero
+        or reversed gradient, and the weights reported are the region's own."""
+        anchor = batch.old_logprobs if self.options.anchor == "old" else batch.rollout_logprobs
+        if anchor is None:
+            raise BatchError("anchor='rollout' needs Rollout.rollout_logprobs (the inference engine's log-probs of the sampled tokens).")
+        return gradient_diagnostics(self.region, logprobs, anchor, estimate.advantages, batch.mask)
+
     def _value_term(self, values: Tensor | None, batch: Rollout, estimate: Estimate, agg: Callable[[Tensor], Tensor], metrics: dict[str, Tensor]) -> Tensor:
         if values is None:
             raise BatchError(
@@ -271,6 +312,21 @@ class Objective:
         term = agg(per_token)
         metrics["loss/value"] = term.detach()
         return term
+
+
+def rollout_correction_weights(old_logprobs: Tensor, rollout_logprobs: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """Truncated importance weights ``min(exp(old - rollout), cap)`` [B, T] and where they were truncated [B, T] bool.
+
+    TIS (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"; verl's
+    token-level ``rollout_is`` with ``rollout_is_threshold``): the engine (mu: ``rollout_logprobs``) sampled
+    the tokens, the trainer's numbers (pi_old: ``old_logprobs``) differ from it, and pi_old/mu reweights a
+    token's policy loss back to pi_old; truncating at `cap` bounds the variance a rare token mu
+    under-sampled would add. Computed without grad (the weights are constants of the loss); the log-ratio
+    is clamped to +-`proxim.ops.LOG_RATIO_CLAMP` before ``exp``, as every ratio in proxim.
+    """
+    with torch.no_grad():
+        raw = log_ratio(old_logprobs, rollout_logprobs).exp()
+        return raw.clamp(max=cap), raw > cap
 
 
 def _at_least_float32(batch: Rollout) -> Rollout:

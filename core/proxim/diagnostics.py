@@ -9,13 +9,14 @@ objective publishes there itself are reserved, and a part that returns one is an
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from proxim.errors import BatchError, ConfigurationError
-from proxim.ops import LOG_RATIO_CLAMP, Padding, group_index, masked_mean, masked_sum, sequence_rewards
-from proxim.parts import Part
+from proxim.ops import LOG_RATIO_CLAMP, Padding, compute_dtype, group_index, masked_mean, masked_sum, sequence_rewards
+from proxim.parts import Part, TrustRegion
 from proxim.rollout import Rollout
 
 RESERVED_METRICS: dict[str, frozenset[str]] = {
@@ -99,3 +100,97 @@ def region_metrics(per_token: Mapping[str, Tensor], lp: Tensor, anchor: Tensor, 
     out["region/ratio_mean"] = ratio.sum() / count
     out["region/ratio_max"] = ratio.amax() if ratio.numel() else ratio.new_zeros(())  # amax of nothing is an error
     return out
+
+
+GRADIENT_METRICS = (
+    "gradient/zero_fraction",
+    "gradient/zero_fraction_pos",
+    "gradient/zero_fraction_neg",
+    "gradient/reversed_fraction_pos",
+    "gradient/reversed_fraction_neg",
+    "gradient/weight_mean",
+    "gradient/ratio_std",
+)
+"""The keys of `gradient_diagnostics`, the same for every trust region."""
+
+#: Which token count each gradient metric is a mean over (`GradientDiagnostics.counts`).
+_OVER = {
+    "gradient/zero_fraction": "signed",
+    "gradient/zero_fraction_pos": "pos",
+    "gradient/zero_fraction_neg": "neg",
+    "gradient/reversed_fraction_pos": "pos",
+    "gradient/reversed_fraction_neg": "neg",
+    "gradient/weight_mean": "signed",
+    "gradient/ratio_std": "valid",
+}
+
+
+class GradientDiagnostics(NamedTuple):
+    """`gradient_diagnostics`' means (0-d tensors, keys `GRADIENT_METRICS`) and the token counts they are over
+    (``valid``, ``signed``: A != 0, ``pos``, ``neg``), so that batches combine (`combine_gradient_diagnostics`): exactly
+    for the fractions and the mean weight; the ratio's standard deviation is averaged over batches."""
+
+    metrics: dict[str, Tensor]
+    counts: dict[str, Tensor]
+
+
+def gradient_diagnostics(region: TrustRegion, logprobs: Tensor, anchor: Tensor, advantages: Tensor, mask: Tensor) -> GradientDiagnostics:
+    """What the trust region does to each token's gradient, in terms every region shares (`GRADIENT_METRICS`).
+
+    A region's own metrics differ from region to region (a clip fraction, a mask fraction, a mean weight);
+    these are the same for all, so that objectives can be put side by side. Autograd on a detached copy
+    gives each token's coefficient ``g_t = -d loss / d logprob_t`` of the summed per-token loss, and its
+    weight ``w_t = g_t / A_t``, which is 1 on-policy for every built-in region (`r = 1`). Over the valid
+    tokens with ``A != 0``: the fraction whose gradient is exactly zero (clipped or masked), overall and
+    for ``A > 0`` and ``A < 0``; the fraction whose gradient points against the advantage (``w < 0``, a
+    corrective weight such as DRPO's beyond its boundary), by sign; the mean weight; and the standard
+    deviation of the ratio ``exp(logprob - anchor)`` over every valid token. A mean over no tokens is 0,
+    with a count of 0 (which `combine_gradient_diagnostics` leaves out). Nothing here enters a loss.
+    """
+    dtype = compute_dtype(logprobs.dtype)
+    zero = torch.zeros((), dtype=dtype, device=logprobs.device)
+    lp = torch.where(mask, logprobs.detach().to(dtype), zero).requires_grad_(True)
+    anc = torch.where(mask, anchor.detach().to(dtype), zero)
+    adv = torch.where(mask, advantages.detach().to(dtype), zero)
+    with torch.enable_grad():
+        loss = region(lp, anc, adv, mask, metrics=False).loss
+        (grad,) = torch.autograd.grad(torch.where(mask, loss, zero).sum(), lp, allow_unused=True)
+    g = -grad if grad is not None else torch.zeros_like(lp)
+    pos, neg = mask & (adv > 0), mask & (adv < 0)
+    signed = pos | neg
+    weight = torch.where(signed, g / torch.where(signed, adv, 1.0), zero)
+    counts = {name: where.sum().to(dtype) for name, where in (("valid", mask), ("signed", signed), ("pos", pos), ("neg", neg))}
+
+    def fraction(where: Tensor, of: str) -> Tensor:
+        return (where & {"signed": signed, "pos": pos, "neg": neg}[of]).sum().to(dtype) / counts[of].clamp(min=1)
+
+    ratio = torch.exp((lp.detach() - anc).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    metrics = {
+        "gradient/zero_fraction": fraction(g == 0, "signed"),
+        "gradient/zero_fraction_pos": fraction(g == 0, "pos"),
+        "gradient/zero_fraction_neg": fraction(g == 0, "neg"),
+        "gradient/reversed_fraction_pos": fraction(weight < 0, "pos"),
+        "gradient/reversed_fraction_neg": fraction(weight < 0, "neg"),
+        "gradient/weight_mean": weight.sum() / counts["signed"].clamp(min=1),
+        "gradient/ratio_std": _masked_std(ratio, mask),
+    }
+    return GradientDiagnostics(metrics, counts)
+
+
+def combine_gradient_diagnostics(parts: Iterable[GradientDiagnostics]) -> dict[str, float]:
+    """The means of several batches' `gradient_diagnostics` (micro-batches, updates) as one, each weighted by the
+    tokens it is over; a metric over no token in any batch is left out rather than reported as 0."""
+    sums: dict[str, Tensor] = {}
+    totals: dict[str, Tensor] = {}
+    for part in parts:
+        for key, value in part.metrics.items():
+            n = part.counts[_OVER[key]]
+            sums[key] = sums.get(key, 0.0) + value.double() * n
+            totals[key] = totals.get(key, 0.0) + n.double()
+    return {key: float(sums[key] / totals[key]) for key in sums if float(totals[key]) > 0}
+
+
+def _masked_std(x: Tensor, mask: Tensor) -> Tensor:
+    n = mask.sum().to(x.dtype)
+    mean = masked_sum(x, mask) / n.clamp(min=1)
+    return (masked_sum((x - mean) ** 2, mask) / (n - 1).clamp(min=1)).sqrt()

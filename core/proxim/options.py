@@ -33,6 +33,15 @@ def _optional_clip(instance: object, attribute: attrs.Attribute[float | None], v
         raise ValueError(f"'{attribute.name}' must be None or a finite number > 0, got {_given(value)}")
 
 
+def _cap(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    """A finite number >= 1: the truncation C of importance weights (a cap below 1 would shrink on-policy tokens, w = 1)."""
+    if not (_is_number(value) and math.isfinite(value) and value >= 1):
+        raise ValueError(
+            f"'{attribute.name}' must be a finite number >= 1 (the largest importance weight kept; below 1 it would "
+            f"shrink even tokens the engine and the trainer agree on), got {_given(value)}"
+        )
+
+
 def _optional_length(instance: object, attribute: attrs.Attribute[int | None], value: int | None) -> None:
     """None, or a whole number of tokens >= 1."""
     if value is not None and not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
@@ -56,6 +65,15 @@ class Options:
     anchor:        the trust region's reference log-probs: "old" (Rollout.old_logprobs: recomputed by the
                    trainer before the update, classic PPO/GRPO) or "rollout" (Rollout.rollout_logprobs:
                    the inference engine's, mu in DPPO/DRPO, which covers train/inference mismatch too).
+    rollout_correction: "none" or "tis": truncated importance sampling (Yao et al. 2025; verl's token-level
+                   ``rollout_is``). Each token's policy loss is weighted by min(exp(old - rollout), C), a
+                   constant (no gradient): the tokens were sampled by the engine (mu), whose numerics differ
+                   from the trainer's (pi_old), and the weight pi_old/mu moves the estimate back to pi_old,
+                   truncated at C to bound its variance. Needs Rollout.rollout_logprobs. An option, not a
+                   part: it multiplies whatever the region returns, so it composes with every region.
+                   Refused with ``anchor="rollout"``, whose ratio is already taken against mu.
+    rollout_correction_cap: C, the largest weight kept (finite, >= 1); default 2.0, as verl's
+                   ``rollout_is_threshold``.
     """
 
     aggregation: str = attrs.field(default="token_mean", validator=in_(aggregation.MODES))
@@ -67,6 +85,16 @@ class Options:
     value_coef: float = attrs.field(default=0.5, validator=_coefficient)
     value_clip: float | None = attrs.field(default=None, validator=_optional_clip)
     anchor: str = attrs.field(default="old", validator=in_(("old", "rollout")))
+    rollout_correction: str = attrs.field(default="none", validator=in_(("none", "tis")))
+    rollout_correction_cap: float = attrs.field(default=2.0, validator=_cap)
+
+    def __attrs_post_init__(self) -> None:
+        if self.rollout_correction != "none" and self.anchor == "rollout":
+            raise ValueError(
+                f"rollout_correction={self.rollout_correction!r} weights a ratio taken against the trainer's old log-probs "
+                "by pi_old/mu, but anchor='rollout' already takes the ratio against the engine's log-probs mu: the mismatch "
+                "would be corrected twice. Use anchor='old' with the correction, or anchor='rollout' without it."
+            )
 
 
 OPTION_NAMES = tuple(a.name for a in attrs.fields(Options))

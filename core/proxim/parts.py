@@ -194,12 +194,25 @@ PART_KINDS: dict[str, type[Part]] = {**AXES, "preference": Preference}
 """Every kind of part a plugin can register, with its base class."""
 
 
+def _training_regime(instance: object, attribute: attrs.Attribute, value: Mapping[str, object]) -> None:  # type: ignore[type-arg]
+    for key, v in value.items():
+        if not (isinstance(key, str) and key.isidentifier() and key == key.lower()):
+            raise ValueError(f"Preset.training: {key!r} is not a trainer setting name (lower_snake_case, as in proxim train --help).")
+        if not isinstance(v, (bool, int, float, str)):
+            raise ValueError(f"Preset.training[{key!r}] = {v!r}: a training setting is a number, a string or a boolean.")
+
+
 @attrs.frozen(kw_only=True)
 class Preset:
     """A named combination of parts with the paper's defaults.
 
     ``settings`` maps hyperparameter names to values; a key may be qualified with its axis
     (``"region.eps_high"``) and then applies only while that axis keeps the preset's part.
+
+    ``training`` is the paper's training regime in the trainer's setting names (``proxim train --help``),
+    for example ``{"epochs": 4}`` for PPO: ``proxim train --preset NAME`` uses these values for the
+    settings the user leaves at their defaults (flags and ``--config`` win). Values are plain numbers,
+    strings or booleans; the trainer refuses a name it does not have, naming the preset and its plugin.
     """
 
     name: str
@@ -209,6 +222,7 @@ class Preset:
     settings: Mapping[str, object] = attrs.field(factory=dict)
     summary: str = ""
     source: str = ""
+    training: Mapping[str, object] = attrs.field(factory=dict, validator=_training_regime)
 
     kind: ClassVar[str] = "preset"
 

@@ -107,6 +107,7 @@ def proxim_register_presets(register: proxim.Register[proxim.Preset]) -> None:
             },
             summary="GRPO: group z-scored outcome advantage, clip 0.2, k3 KL in the loss (beta 0.04), 1/|o_i| per sequence.",
             source="arXiv 2402.03300 (DeepSeekMath), Eq. 3 and section 4.1.2",
+            training={"epochs": 1},  # DeepSeekMath: one update per rollout (TRL num_iterations=1), the trainer's default split
         )
     )
     register(
@@ -129,5 +130,6 @@ def proxim_register_presets(register: proxim.Register[proxim.Preset]) -> None:
             settings={"advantage.scale": "group", "region.eps_low": 0.2, "region.eps_high": 0.28, "aggregation": "token_mean", "kl_coef": 0.0},
             summary="DAPO: group z-score, clip-higher (0.2, 0.28), token-mean over the batch, no KL.",
             source="arXiv 2503.14476",
+            training={"epochs": 1, "minibatches": 16},  # DAPO section 4.1: mini-batches of 512 of 8192 responses, 16 updates per rollout
         )
     )

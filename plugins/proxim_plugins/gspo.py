@@ -81,5 +81,6 @@ def proxim_register_presets(register: proxim.Register[proxim.Preset]) -> None:
             settings={"region.eps_low": 3e-4, "region.eps_high": 4e-4, "aggregation": "seq_mean_token_mean", "kl_coef": 0.0},
             summary="GSPO: group z-score, sequence-level ratio clipped to (3e-4, 4e-4), sequence mean, no KL.",
             source="arXiv 2507.18071",
+            training={"epochs": 1, "minibatches": 4},  # GSPO section 5.1: each rollout batch split into four minibatches
         )
     )

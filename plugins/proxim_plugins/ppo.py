@@ -232,5 +232,6 @@ def proxim_register_presets(register: proxim.Register[proxim.Preset]) -> None:
             },
             summary="PPO-RLHF: critic + GAE, ratio clip 0.2, value clip 0.2, per-token k1 KL in the reward (TRL PPOConfig).",
             source="arXiv 1707.06347; 1506.02438; 2203.02155",
+            training={"epochs": 4},  # 4 passes over each rollout (TRL PPOConfig num_ppo_epochs=4, OpenAI baselines ppo2)
         )
     )

@@ -10,6 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# runs keep torch's thread count instead of measuring the machine (`threads=auto`): two runs a test compares
+# must not differ in their last bits because the machine's load changed between them
+os.environ.setdefault("OMP_NUM_THREADS", str(__import__("torch").get_num_threads()))
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

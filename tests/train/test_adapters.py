@@ -29,7 +29,7 @@ def _history(run: Path) -> list[dict[str, float]]:
 
 
 def test_lora_trains_the_adapter_only_against_the_same_model_without_it(tiny_config) -> None:
-    trainer = Trainer(tiny_config(steps=3, lr=1e-2, **LORA, merge_lora=True), rewards=[lowercase_share])
+    trainer = Trainer(tiny_config(steps=3, lr=1e-2, **LORA, merge_lora=True, old_logprobs="recompute"), rewards=[lowercase_share])
     assert isinstance(trainer.reference, WithoutAdapter)
     policy_weights = {p.data_ptr() for p in trainer.lm.parameters()}
     assert {p.data_ptr() for p in trainer.reference.parameters()} <= policy_weights  # no second copy of the model
@@ -38,7 +38,7 @@ def test_lora_trains_the_adapter_only_against_the_same_model_without_it(tiny_con
     base_before = {n: p.detach().clone() for n, p in trainer.lm.named_parameters() if not p.requires_grad}
     result = trainer.run()
     history = _history(result.run_dir)
-    assert history[0]["kl/ref"] == 0.0  # the adapter starts at zero: the policy is the reference at the first rollout
+    assert history[0]["kl/ref"] == 0.0  # the adapter starts at zero: the policy is the reference at the first rollout (recomputed: same forward)
     assert history[-1]["kl/ref"] > 0.0  # and moves away from it
     model = result.run_dir / "model"
     assert (model / "adapter_config.json").is_file() and (model / "adapter_model.safetensors").is_file() and not (model / "model.safetensors").exists()

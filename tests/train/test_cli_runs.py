@@ -21,7 +21,8 @@ def test_compare_writes_one_table_and_one_plot(tmp_path: Path, capsys: pytest.Ca
     presets = [p for p in ("grpo", "rloo") if p in proxim.available()["preset"]]
     if len(presets) < 2:
         pytest.skip("grpo and rloo are not both registered yet")
-    assert main(["compare", *presets, *TINY_FLAGS, "--output-dir", str(tmp_path), "--name", "cmp"]) == 0
+    # reverse: graded rewards, so that even the untrained tiny model has advantages, updates, and a ratio that moves
+    assert main(["compare", *presets, *TINY_FLAGS, "--task", "reverse", "--output-dir", str(tmp_path), "--name", "cmp"]) == 0
     table = (tmp_path / "cmp" / "compare.md").read_text()
     for p in presets:
         assert f"| {p} |" in table
@@ -29,7 +30,36 @@ def test_compare_writes_one_table_and_one_plot(tmp_path: Path, capsys: pytest.Ca
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
     rows = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert [r["preset"] for r in rows] == presets
-    assert "| preset | accuracy before |" in capsys.readouterr().out
+    assert all(r["regime"] == "2 passes of 4 minibatches per rollout" for r in rows)  # off-policy by default
+    for r in rows:  # every update after a rollout's first is off-policy: the ratio has moved
+        assert r["diagnostics"]["gradient/ratio_std"] > 0 and 0 <= r["diagnostics"]["gradient/zero_fraction_pos"] <= 1
+    out = capsys.readouterr().out
+    assert "| preset | accuracy before |" in out and "| preset | zero gradient, A > 0 | zero gradient, A < 0 |" in out
+
+
+def test_compare_in_the_regime_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # On-policy (one pass, one minibatch) with recomputed old log-probs the ratio is exactly 1 at every update: no region clips or reweights anything.
+    flags = [
+        *TINY_FLAGS,
+        "--task",
+        "reverse",
+        "--epochs",
+        "1",
+        "--minibatches",
+        "1",
+        "--old-logprobs",
+        "recompute",
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "on",
+    ]
+    assert main(["compare", "grpo", "drpo", *flags]) == 0
+    rows = json.loads((tmp_path / "on" / "compare.json").read_text())
+    for r in rows:
+        assert r["regime"] == "1 pass of 1 minibatch per rollout"
+        assert r["diagnostics"]["gradient/ratio_std"] == 0.0 and r["diagnostics"]["gradient/zero_fraction_pos"] == 0.0
+        assert r["diagnostics"]["gradient/weight_mean"] == pytest.approx(1.0)
 
 
 def test_prompts_file_and_reward_file(tmp_path: Path) -> None:

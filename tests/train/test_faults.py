@@ -167,7 +167,7 @@ def test_a_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path
     from proxim.train import checkpoint
     from proxim.train.models import build_tiny_model, tiny_config
     from proxim.train.optimization import Optimization, parameter_groups
-    from proxim.train.sections import Optimizer
+    from proxim.train.step_sections import Optimizer
 
     disk = tmp_path / "small"
     if not _mount_tmpfs(disk, "512k"):
@@ -249,7 +249,7 @@ def test_an_error_in_a_later_step_checkpoints_the_steps_done(tiny_config, capfd:
 
         def __call__(self, logprobs, anchor, advantages, mask, *, metrics=True):
             CALLS.append(1)
-            if len(CALLS) == 3:
+            if len(CALLS) == 5:  # two calls per update (the loss, its gradient diagnostics): the first of step 3
                 raise RuntimeError("a bug in a plugin's region")
             return proxim.RegionOutput(loss=-advantages * logprobs)
 

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from proxim.train.optimization import NonFiniteUpdates, Optimization, parameter_groups
-from proxim.train.sections import Optimizer
+from proxim.train.step_sections import Optimizer
 
 
 def _setup(settings: Optimizer, horizon: int = 10, lr: float = 0.1) -> tuple[torch.nn.Linear, Optimization]:

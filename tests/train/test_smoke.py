@@ -96,3 +96,24 @@ def test_sampler_old_logprobs_equal_a_recomputed_forward(tiny_config) -> None:
 def test_sampler_old_logprobs_refuse_a_nucleus(tiny_config) -> None:
     with pytest.raises(proxim.ConfigurationError, match="old_logprobs='sampler' needs top_p=1"):
         tiny_config(old_logprobs="sampler", top_p=0.9).check()
+
+
+@pytest.mark.parametrize(
+    ("settings", "precision", "expected"),
+    [
+        ({}, "no", "sampler"),
+        ({"top_p": 0.9}, "no", "recompute"),
+        ({}, "bf16", "recompute"),
+        ({"generator": "vllm"}, "no", "recompute"),
+        ({"set": {"rollout_correction": "tis"}}, "no", "recompute"),
+        ({"old_logprobs": "recompute"}, "no", "recompute"),
+        ({"old_logprobs": "sampler"}, "bf16", "sampler"),
+    ],
+)
+def test_auto_old_logprobs_take_the_sampler_only_where_it_is_the_forward(tiny_config, settings, precision, expected) -> None:
+    config = tiny_config(**settings)
+    objective = proxim.objective("grpo", **config.set)
+    source, reason = config.old_logprobs_source(objective, precision)
+    assert source == expected, reason
+    if config.old_logprobs == "auto" and expected == "recompute":
+        assert reason.startswith("auto: ") and len(reason) > len("auto: ")

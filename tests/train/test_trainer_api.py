@@ -70,3 +70,13 @@ def test_resume_with_more_steps_continues_the_schedule(tiny_config) -> None:
     lrs = [h["optim/lr"] for h in _history(resumed.run_dir)]
     # transformers' linear schedule over 2 updates: the lr for update k+1 after k updates is 1e-3 * (2 - k) / 2
     assert lrs == pytest.approx([5e-4, 0.0, 0.0, 0.0], abs=1e-15)
+
+
+def test_logged_losses_do_not_depend_on_the_micro_batch_size(tiny_config) -> None:
+    """A micro-batch's loss is its share of the minibatch's (normalised by the whole minibatch's count): an update's
+    logged ``loss/*`` is their sum, so micro-batching (gradient accumulation) logs the same loss as one forward."""
+    whole = _history(train(tiny_config(steps=1, run_name="whole"), rewards=[lowercase_share]).run_dir)
+    parts = _history(train(tiny_config(steps=1, run_name="parts", micro_batch_size=3), rewards=[lowercase_share]).run_dir)
+    assert whole[0]["loss/policy"] != 0.0
+    for key in ("loss/policy", "loss/total"):
+        assert parts[0][key] == pytest.approx(whole[0][key], rel=1e-5, abs=1e-7)

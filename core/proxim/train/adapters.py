@@ -37,7 +37,10 @@ def is_adapted(model: Any) -> bool:
 def prepare(model: Any, settings: Adapter, seed: int, task_type: str = "CAUSAL_LM") -> Any:
     """`model` with gradient checkpointing and LoRA adapters as `settings` ask (unchanged when they ask for neither).
 
-    The adapters' random initialisation is drawn from `seed` alone, so that the same settings give the same run."""
+    The adapters' random initialisation is drawn from `seed` alone, so that the same settings give the same run.
+    The adapted model keeps `model`'s mode: peft marks its wrapper as training while the wrapped modules stay
+    in eval mode, and the first ``train(was_training)`` after sampling would then put every module in training
+    mode (dropout, MoE routing noise), so that the policy would be scored in another mode than it was sampled in."""
     if settings.gradient_checkpointing:
         enable_checkpointing(model)
     if settings.lora_rank == 0:
@@ -52,12 +55,20 @@ def prepare(model: Any, settings: Adapter, seed: int, task_type: str = "CAUSAL_L
         lora_alpha=settings.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales the same
         lora_dropout=settings.lora_dropout,
         target_modules=targets,
+        exclude_modules=None if settings.lora_targets else _routers(model),
         task_type=task_type,
         modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return get_peft_model(model, config)
+        return get_peft_model(model, config).train(model.training)
+
+
+def _routers(model: nn.Module) -> list[str] | None:
+    """The mixture-of-experts routers that subclass `nn.Linear` (Phi-3.5-MoE's, Llama 4's): they return the routing,
+    not a tensor, so peft's "all-linear" would wrap them and break them; they keep no adapter. None when there are none."""
+    found = [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and type(module).__name__.endswith("Router")]
+    return found or None
 
 
 def enable_checkpointing(model: nn.Module) -> None:

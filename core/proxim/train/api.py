@@ -35,6 +35,9 @@ def train(
     eval_prompts: held-out rows; default the task's held-out set, or the first rows of `prompts`.
     resume:       a run folder to continue from its latest checkpoint.
 
+    The preset's training regime (`proxim.Preset.training`, e.g. PPO's 4 epochs) fills the settings the
+    config was not given (`TrainConfig.with_preset_training`).
+
     A preference objective (preset dpo, ipo or hinge) trains offline instead (`proxim.train.recipes.preference`)
     with the config's `PreferenceConfig` settings, and returns a `PreferenceRunResult`.
     """
@@ -48,6 +51,7 @@ def train(
         chosen = objective if isinstance(objective, proxim.PreferenceObjective) else None
         return preference.train_offline(config.offline(), objective=chosen, resume=resume, registry=registry)
     assert not isinstance(objective, proxim.PreferenceObjective)  # for the type checker: handled above
+    config, _ = config.with_preset_training(registry, preset=None if objective is None else objective.preset or "")
     trainer = online.Trainer(config, objective=objective, rewards=rewards, prompts=prompts, eval_prompts=eval_prompts, resume=resume, registry=registry)
     return trainer.run()
 

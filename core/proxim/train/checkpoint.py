@@ -12,6 +12,11 @@ Layout of ``RUN_DIR/checkpoints/step_000050/`` (the number of completed steps)::
 A checkpoint is written into ``checkpoints/.tmp-step_000050`` and renamed into place when complete, then
 ``checkpoints/latest`` (a one-line text file naming it) is replaced atomically; a run killed while
 saving leaves the previous checkpoint intact.
+
+Sharded (FSDP2) runs write the same files: every process takes part in gathering the weights and the
+optimiser's states to full tensors (`proxim.train.sharding`), and the main process writes them. A
+checkpoint therefore resumes under any number of processes, sharded or not, and its model files load
+with ``from_pretrained``; resuming cuts the full tensors back into each process's shards.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from proxim.errors import TrainingError
-from proxim.train import adapters
+from proxim.train import adapters, sharding
 from proxim.train.files import atomic_write
 from proxim.train.models import load_weights
 
@@ -126,8 +131,10 @@ def save(
         accelerator.wait_for_everyone()
         with _file(tmp / f"rng_rank{accelerator.process_index}.pt", "writing"):
             torch.save(rng_state(), tmp / f"rng_rank{accelerator.process_index}.pt")
+        gathered = {key: full_weights(module, keep=accelerator.is_main_process) for key, module in models.items()}  # collective when sharded
+        optimizer_state = optimization.state_dict()  # (also collective when sharded)
         if accelerator.is_main_process:
-            _write_files(tmp, step, models, optimization, state, config_toml)
+            _write_files(tmp, step, models, gathered, optimizer_state, state, config_toml)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with _file(final, "moving into place"):
@@ -150,22 +157,62 @@ def save(
     return final
 
 
-def _write_files(tmp: Path, step: int, models: Mapping[str, nn.Module], optimization: Optimization, state: dict[str, Any], config_toml: str) -> None:
-    from safetensors.torch import save_model
+def _write_files(
+    tmp: Path,
+    step: int,
+    models: Mapping[str, nn.Module],
+    gathered: Mapping[str, dict[str, torch.Tensor] | None],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    config_toml: str,
+) -> None:
+    from safetensors.torch import save_file, save_model
 
     for key, module in models.items():
         target = tmp / (_primary_file(module) if key == PRIMARY else f"{key}.safetensors")
+        full = gathered.get(key)
         with _file(target, "writing"):
             if key == PRIMARY:
-                module.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[operator]
-            else:
+                extra = {} if full is None else {"state_dict": full}
+                module.save_pretrained(str(tmp), safe_serialization=True, **extra)  # type: ignore[operator]
+            elif full is None:
                 save_model(module, str(target))
+            else:
+                save_file(_once(full), str(target), metadata={"format": "pt"})
     with _file(tmp / "optimizer.pt", "writing"):
-        torch.save(optimization.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
     with _file(tmp / "state.json", "writing"):
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, sort_keys=True))
     with _file(tmp / "config.toml", "writing"):
         (tmp / "config.toml").write_text(config_toml)
+
+
+def full_weights(module: nn.Module, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The full weights of a sharded `module` (every process calls it; only where `keep` are they kept), or None
+    when it is not sharded (then it is saved from the module itself). An adapted model gives its adapter's only."""
+    if not sharding.has_shards(module):
+        return None
+    keys = list(adapter_keys(module).values()) if adapters.is_adapted(module) else None
+    return sharding.module_state(module, keys, keep)
+
+
+def adapter_keys(model: Any) -> dict[str, str]:
+    """A peft model's adapter weights: the name peft saves each under -> its name in the model's state dict.
+
+    peft decides which weights an adapter saves and how it renames them; its answer is read off by identity."""
+    from peft import get_peft_model_state_dict
+
+    current = model.state_dict(keep_vars=True)
+    by_id = {id(v): k for k, v in current.items()}
+    return {saved: by_id[id(v)] for saved, v in get_peft_model_state_dict(model, state_dict=current).items()}
+
+
+def _once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with each tensor under one name (safetensors stores a shared tensor once, as ``save_model`` does)."""
+    from safetensors.torch import _remove_duplicate_names
+
+    dropped = {name for names in _remove_duplicate_names(state).values() for name in names}
+    return {k: v for k, v in state.items() if k not in dropped}
 
 
 def _primary_file(module: nn.Module) -> str:
@@ -240,7 +287,9 @@ def load(directory: Path, *, accelerator: Accelerator, models: Mapping[str, nn.M
 
     for key, module in models.items():
         with _file(directory / (_primary_file(module) if key == PRIMARY else f"{key}.safetensors"), "reading"):
-            if key == PRIMARY and adapters.is_adapted(module):
+            if sharding.has_shards(module):
+                _load_sharded(module, directory, key)
+            elif key == PRIMARY and adapters.is_adapted(module):
                 adapters.load_adapter(module, directory)
             elif key == PRIMARY:
                 load_weights(module, directory)
@@ -254,3 +303,34 @@ def load(directory: Path, *, accelerator: Accelerator, models: Mapping[str, nn.M
             set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     with _file(directory / "state.json", "reading"):
         return dict(json.loads((directory / "state.json").read_text()))
+
+
+def _load_sharded(module: nn.Module, directory: Path, key: str) -> None:
+    """Load the full tensors of `key`'s files into the sharded `module`: each process keeps its shard."""
+    from safetensors.torch import load_file
+
+    if key != PRIMARY:
+        sharding.load_full(module, load_file(str(directory / f"{key}.safetensors")))
+    elif adapters.is_adapted(module):
+        names = adapter_keys(module)
+        saved = load_file(str(directory / adapters.ADAPTER_FILE))
+        unknown = [k for k in saved if k not in names]
+        if unknown:
+            raise RuntimeError(f"{directory}: adapter weights {unknown[:5]} do not belong to this model's adapter.")
+        sharding.load_full(module, {names[k]: v for k, v in saved.items()}, partial=True)
+    else:
+        sharding.load_full(module, _model_tensors(directory))
+
+
+def _model_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model files ``save_pretrained`` wrote into `directory` (one file, or shards with an index)."""
+    from safetensors.torch import load_file
+
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return load_file(str(single))
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(str(directory / shard)))
+    return tensors

@@ -112,9 +112,13 @@ def _guarded(command: str, body: Callable[[], int]) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     def body() -> int:
         config = resume_config(args, TrainConfig) if args.resume else config_from_args(args, TrainConfig)
+        config, regime = config.with_preset_training()
         if args.print_config:
             printed = config.offline() if config.is_offline() else config
             printed.check()
+            if regime:
+                taken = ", ".join(f"{k} = {v!r}" for k, v in regime.items())
+                print(f"# from preset {config.objective_spec()[0]}'s training regime: {taken} (a flag or --config value overrides it)")
             print(printed.to_toml())
             return 0
         from proxim.train.api import train

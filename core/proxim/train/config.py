@@ -24,17 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxim.errors import ConfigurationError
+from proxim.errors import ConfigurationError, suggest
 from proxim.train.sections import (
     Adapter,
     AdaptiveKL,
     CheckContext,
     Critic,
     Evaluation,
-    Generation,
-    LearningRate,
     Model,
-    Optimizer,
     Overrides,
     Parts,
     PreferencePairs,
@@ -42,20 +39,26 @@ from proxim.train.sections import (
     PromptFiles,
     Records,
     Rewards,
-    Rollout,
     Run,
     RunName,
     SampleLog,
-    Sampling,
     Scoring,
     Start,
-    Steps,
-    SupervisedOptimizer,
     TaskChoice,
-    Updates,
     WarmStart,
 )
 from proxim.train.settings import config, flag_name
+from proxim.train.step_sections import (
+    Generation,
+    LearningRate,
+    OffPolicyUpdates,
+    Optimizer,
+    Rollout,
+    Sampling,
+    Steps,
+    SupervisedOptimizer,
+    Updates,
+)
 
 if TYPE_CHECKING:
     import proxim
@@ -64,7 +67,7 @@ if TYPE_CHECKING:
 
 
 @config
-class CompareConfig(
+class OnlineSettings(
     Overrides,
     AdaptiveKL,
     TaskChoice,
@@ -87,13 +90,19 @@ class CompareConfig(
     Evaluation,
     SampleLog,
 ):
-    """Every setting of an online run but the objective's and the run folder's names: ``proxim compare``."""
+    """Every setting of an online run but the objective's and the run folder's names."""
+
+
+@config
+class CompareConfig(OffPolicyUpdates, OnlineSettings):
+    """The settings of ``proxim compare``: an online run's, but off-policy by default (`OffPolicyUpdates`:
+    2 passes of 4 minibatches per rollout), since on-policy every trust region gives the same gradient."""
 
     command = "compare"
 
 
 @config
-class TrainConfig(Preset, Parts, RunName, CompareConfig):
+class TrainConfig(Preset, Parts, RunName, OnlineSettings):
     """Every setting of ``proxim train``. Build it with keyword arguments, `from_toml`, or from flags.
 
     The defaults are the embedded demo: GRPO on ``arithmetic`` with the built-in tiny model, warm-started
@@ -113,6 +122,38 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
         if preset in ("none", ""):
             preset = None
         return preset, {**{k: v for k, v in axes.items() if v is not None}, **self.set}
+
+    def with_preset_training(self, registry: proxim.Registry | None = None, preset: str | None = None) -> tuple[TrainConfig, dict[str, Any]]:
+        """This configuration with its preset's training regime (`proxim.Preset.training`) in every setting that
+        was not given (`given`), and the values taken from the regime.
+
+        `preset` names the preset when the objective is passed separately (``train(objective=...)``); by
+        default it is this configuration's. ``minibatches`` and ``minibatch_size`` are one choice: giving
+        either keeps the regime's from both. A regime naming a setting ``proxim train`` does not have, or
+        a value it refuses, is a `ConfigurationError` naming the preset and its plugin."""
+        import proxim
+
+        reg = registry or proxim.default_registry()
+        name = preset if preset is not None else self.objective_spec()[0]
+        if name is None or name not in reg.entries["preset"]:
+            return self, {}  # no preset, or a preference preset (offline: no rollouts to update on)
+        regime, origin = reg.get("preset", name).training, reg.info("preset", name).describe()
+        names = self.names()
+        for key in regime:
+            if key not in names:
+                raise ConfigurationError(
+                    f"preset {name!r} of {origin} sets the training setting {key!r}, which proxim train does not have.{suggest(key, names)} "
+                    "Fix the preset's training= (its names are proxim train's settings), or choose another preset."
+                )
+        given = self.given()
+        chosen = {"minibatches", "minibatch_size"} & given
+        taken = {k: v for k, v in regime.items() if k not in given and not (chosen and k in ("minibatches", "minibatch_size"))}
+        if not taken:
+            return self, {}
+        try:
+            return type(self)(**{**self.given_values(), **taken}), taken
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"preset {name!r} of {origin}, training regime {taken}: {exc}") from None
 
     def run_label(self) -> str:
         """The first part of a default run name: the preset, or the parts named."""
@@ -160,6 +201,7 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
 
         reg = registry or proxim.default_registry()
         self.validate(CheckContext(reg, num_processes, custom_rewards, custom_prompts))
+        self.minibatch_for(self.prompts_per_step // num_processes * self.group_size)  # the split fits the rollout
         obj = self.build_objective(reg)
         if isinstance(obj, proxim.PreferenceObjective):
             raise ConfigurationError(f"--preset {self.preset} is an offline preference loss: it trains through PreferenceConfig (TrainConfig.offline()).")
@@ -181,10 +223,38 @@ class TrainConfig(Preset, Parts, RunName, CompareConfig):
                 f"old_logprobs='sampler' needs top_p=1 (got {self.top_p}): with a nucleus the sampler's log-probs are renormalised "
                 "over it and are not the policy's; use old_logprobs='recompute'."
             )
+        if self.old_logprobs == "sampler" and obj.options.rollout_correction != "none":
+            raise ConfigurationError(
+                f"rollout_correction={obj.options.rollout_correction!r} weights tokens by exp(old - rollout), but old_logprobs='sampler' "
+                "makes the old log-probs the generator's own, so every weight is 1; use old_logprobs='recompute' or 'auto'."
+            )
         from proxim.train.generation import check_available
 
         check_available(self.generator)
         return obj
+
+    def old_logprobs_source(self, objective: proxim.Objective, mixed_precision: str) -> tuple[str, str]:
+        """Where a run's old log-probs come from, ``sampler`` or ``recompute``, and why.
+
+        ``auto`` takes the generator's record where it is the policy's own log-prob up to float rounding (the
+        hf generator's incremental decoding against one full forward: within 1e-5 in float32), and
+        recomputes where it is not: another engine's kernels, a nucleus, reduced precision, or a rollout
+        correction, which weighs exactly that difference."""
+        if self.old_logprobs != "auto":
+            return self.old_logprobs, "old_logprobs setting"
+        blockers = [
+            why
+            for blocked, why in (
+                (self.generator != "hf", f"the {self.generator} generator's kernels are not the trainer's"),
+                (self.top_p < 1.0, f"top_p={self.top_p} renormalises the sampler's log-probs"),
+                (mixed_precision != "no", f"{mixed_precision} sampling is not the scoring forward"),
+                (objective.options.rollout_correction != "none", "the rollout correction weighs sampler against trainer"),
+            )
+            if blocked
+        ]
+        if blockers:
+            return "recompute", "auto: " + "; ".join(blockers)
+        return "sampler", "auto: the hf generator's own, float32, top_p=1"
 
     def _check_rewards(self) -> None:
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):

@@ -36,7 +36,7 @@ class ValueModel(nn.Module):
         ids, mask = input_ids[:, :-1], attention_mask[:, :-1]
         hidden = self.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
         values: Tensor = self.head(hidden[:, -T:].float()).squeeze(-1)
-        return values
+        return values.clone()  # not a view: under FSDP2 this is a sharded root's output, whose views it warns about
 
 
 def build_critic(lm: nn.Module, backbone_dir: str | None = None, trust_remote_code: bool = False, checkpointing: bool = False) -> ValueModel:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from proxim.train.prompts import encode_prompts
 from proxim.train.results import EvalResult
 from proxim.train.rewards import Reward, score_rows
 
@@ -29,12 +30,16 @@ def evaluate_prompts(
 ) -> tuple[EvalResult, list[dict[str, Any]]]:
     """Process `rank` of `world` decodes its share of `rows` greedily; returns the result over all processes and
     every completion record (prompt, answer, completion, reward, correct: None without a task or an answer)."""
-    mine = list(rows)[rank::world]
+    rows = list(rows)
+    mine = rows[rank::world]
+    # every process decodes as many prompts (the last ones repeat a row, and are dropped): with sharded models
+    # each decoding step is a collective, so every process makes the same generate calls
+    decoded = mine + rows[: -(-len(rows) // world) - len(mine)]
     records: list[dict[str, Any]] = []
-    if mine:
-        prompt_ids = [list(ids) for ids in tokenizer([r["prompt"] for r in mine])["input_ids"]]
+    if decoded:
+        prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in decoded])
         generation = generator.generate(prompt_ids, 1, 1.0, 1.0, max_new_tokens, greedy=True)
-        totals, _ = score_rows(rewards, mine, generation.completions, step=-1)
+        totals, _ = score_rows(rewards, mine, generation.completions[: len(mine)], step=-1)
         for r, completion, total in zip(mine, generation.completions, totals):
             correct = task.correct(completion, r["answer"]) if task is not None and "answer" in r else None
             records.append({"prompt": r["prompt"], "answer": r.get("answer"), "completion": completion, "reward": total, "correct": correct})

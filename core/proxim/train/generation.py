@@ -10,7 +10,13 @@ generator they hold. The built-ins, by the ``generator`` setting:
         (`proxim.train.vllm_generator`)
 
 Both report the behaviour policy's own log-prob of each sampled token (after temperature and top-p),
-`Generation.rollout_logprobs`, which objectives anchored on the rollout policy use (``anchor="rollout"``).
+`Generation.rollout_logprobs`, which objectives anchored on the rollout policy use (``anchor="rollout"``)
+and the truncated importance-sampling correction reads (``rollout_correction="tis"``).
+
+A generator that holds device memory of its own (a vLLM engine colocated with the policy on one GPU) may
+also have ``sleep()`` (`Sleeps`): the online recipe calls it through `put_to_sleep` once a step's responses
+are sampled, and the next ``sync`` wakes it. It is optional, so that a generator written against the three
+methods above keeps working.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import importlib
 import importlib.util
 import os
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -73,10 +79,26 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class Sleeps(Protocol):
+    """A generator that can free its device memory while the policy trains; its next ``sync`` (or
+    ``generate``) wakes it."""
+
+    def sleep(self) -> None: ...
+
+
+def put_to_sleep(generator: Generator) -> None:
+    """``generator.sleep()`` for a generator that has it (`Sleeps`); nothing for one that does not."""
+    if isinstance(generator, Sleeps):
+        generator.sleep()
+
+
 @attrs.frozen
 class GeneratorContext:
     """What a generator may need to start: the policy, the folder it was loaded from (an engine that reads
-    weights from disk starts there), the tokenizer and end-of-sequence ids, a seed, and the settings."""
+    weights from disk starts there), the tokenizer and end-of-sequence ids, a seed, and the settings
+    (``gpu_memory_utilization`` and ``sleep_mode``: the vllm generator's share of the GPU and whether it
+    sleeps while the policy trains, "auto", "on" or "off")."""
 
     lm: Any
     model_dir: str | os.PathLike[str]
@@ -85,6 +107,7 @@ class GeneratorContext:
     seed: int
     batch_size: int | None = None
     gpu_memory_utilization: float = 0.3
+    sleep_mode: str = "auto"
 
 
 GENERATORS = {"hf": "proxim.train.hf_generator:HFGenerator", "vllm": "proxim.train.vllm_generator:VLLMGenerator"}

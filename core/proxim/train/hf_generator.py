@@ -1,4 +1,11 @@
-"""The ``hf`` generator: transformers ``generate`` on the policy itself, recording sampled-token log-probs."""
+"""The ``hf`` generator: transformers ``generate`` on the policy itself, recording sampled-token log-probs.
+
+On a sharded (FSDP2) policy every process must run the same forward passes, each layer's being an
+all-gather: its FSDP root's parameters are gathered for the call (`proxim.train.sharding.full_parameters`),
+``generate`` runs with ``synced_gpus=True`` (a process whose responses have all ended keeps stepping until
+every process's have), and every process must make as many ``generate`` calls (checked, with an error
+naming the counts, before any is made).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from proxim.train import sharding
 from proxim.train.generation import Generation, GeneratorContext, concat, finish, left_pad, response_mask
 
 
@@ -50,10 +58,15 @@ class HFGenerator:
     ) -> Generation:
         repeated = [p for p in prompt_ids for _ in range(n)]
         step = self.batch_size or max(len(repeated), 1)
-        parts = [self._generate(repeated[i : i + step], temperature, top_p, max_new_tokens, greedy) for i in range(0, len(repeated), step)]
+        starts = range(0, len(repeated), step)
+        synced = sharding.root_of(self.lm) is not None
+        if synced:
+            sharding.check_same_count(len(starts), next(self.lm.parameters()).device, "generate calls (prompts x responses / generation_batch_size)")
+        with sharding.full_parameters(self.lm):
+            parts = [self._generate(repeated[i : i + step], temperature, top_p, max_new_tokens, greedy, synced) for i in starts]
         return concat(parts, self.pad_id, self.tokenizer)
 
-    def _generate(self, prompts: list[Sequence[int]], temperature: float, top_p: float, max_new_tokens: int, greedy: bool) -> Generation:
+    def _generate(self, prompts: list[Sequence[int]], temperature: float, top_p: float, max_new_tokens: int, greedy: bool, synced: bool) -> Generation:
         from transformers import GenerationConfig
 
         device = next(self.lm.parameters()).device
@@ -74,7 +87,9 @@ class HFGenerator:
         was_training = self.lm.training
         self.lm.eval()
         try:
-            out = self.lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config, logits_processor=processors or None)
+            out = self.lm.generate(
+                input_ids=ids, attention_mask=mask.long(), generation_config=config, logits_processor=processors or None, synced_gpus=synced or None
+            )
         finally:
             self.lm.train(was_training)
         resp = out.sequences[:, ids.shape[1] :]

@@ -10,9 +10,12 @@ Two paths. A plain ``nn.Linear`` head (every Llama/Qwen/Mistral/GPT-2 output emb
 go through `_ChunkedLinearLogprobs`, one autograd function whose backward writes each chunk's logit
 gradient ``(onehot(target) - softmax(z)) * g / temperature`` in place and multiplies it straight into the
 hidden-state and weight gradients: one recomputed matmul per chunk and no autograd graph per chunk. Any
-other head callable is wrapped in `torch.utils.checkpoint` per chunk (the generic path). On CPU the chunks
-are further cut to about `_CPU_CHUNK_BYTES` of logits (never below 256 positions), because the
-elementwise passes over a chunk run several times faster while it stays in cache (benchmarks/logprobs.py).
+other head callable is wrapped in `torch.utils.checkpoint` per chunk (the generic path). The chunks are
+further cut by bytes (`chunk_rows`): a chunk's logits, in the float32 (or wider) they are reduced in, take
+at most `CHUNK_BYTES` of the device: 32 MiB on CPU, where the elementwise passes over a chunk run several
+times faster while it stays in cache (benchmarks/logprobs.py), and 1 GiB on a GPU, where the cap bounds
+memory (a 152k vocabulary at the default 4096 positions would be 2.3 GiB of float32 logits, as much again
+for their softmax or gradient). Never below 256 positions, and never above ``chunk_size``.
 
 Positions: a scored sequence is ``prompt (left-padded to P) + response (T)``. The hidden state at
 position ``P - 1 + t`` predicts response token ``t``, so the last input token is never fed.
@@ -70,9 +73,8 @@ def gather_logprobs(
     weight, bias = _linear_parts(head)
     if weight is not None or head is _identity:
         vocab = weight.shape[0] if weight is not None else flat_h.shape[-1]
-        rows = chunk_size
-        if flat_h.device.type == "cpu":
-            rows = min(chunk_size, max(256, _CPU_CHUNK_BYTES // (4 * max(vocab, 1))))
+        dtype = flat_h.dtype if weight is None else torch.promote_types(flat_h.dtype, weight.dtype)  # (autocast's is never wider)
+        rows = chunk_rows(chunk_size, vocab, dtype, flat_h.device.type)
         lp, ent = _ChunkedLinearLogprobs.apply(flat_h, weight, bias, flat_t, float(temperature), rows, entropy)  # type: ignore[no-untyped-call]
         return lp.reshape(B, T), ent.reshape(B, T) if entropy else None
     use_checkpoint = torch.is_grad_enabled() and flat_h.requires_grad
@@ -90,8 +92,21 @@ def gather_logprobs(
     return lp, torch.cat(ents).reshape(B, T) if entropy else None
 
 
-_CPU_CHUNK_BYTES = 32 * 2**20
-"""On CPU, logits per chunk (bytes) beyond which the elementwise passes fall out of cache; see the module docstring."""
+CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 2**30}
+"""Bytes of one chunk's logits (in the width they are reduced in) per device type; see the module docstring.
+A device type not named here gets the GPU's budget."""
+MIN_CHUNK_ROWS = 256
+
+
+def chunk_rows(chunk_size: int, vocab: int, dtype: torch.dtype, device_type: str) -> int:
+    """Positions per chunk: `chunk_size`, cut so that a chunk's logits take at most the device's `CHUNK_BYTES`.
+
+    The logits are reduced in `dtype` promoted to at least float32 (4 bytes per entry for float32, bfloat16
+    and float16 logits alike, 8 for float64), so a chunk of r positions takes ``r * vocab * width`` bytes.
+    Never below `MIN_CHUNK_ROWS` positions (fewer would waste the matmul), and never above `chunk_size`."""
+    width = torch.promote_types(dtype, torch.float32).itemsize
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
+    return max(1, min(chunk_size, max(MIN_CHUNK_ROWS, budget // (width * max(vocab, 1)))))
 
 
 def _linear_parts(head: Any) -> tuple[Tensor | None, Tensor | None]:
@@ -278,12 +293,16 @@ class PolicyScorer(nn.Module):
         pos = position_ids(mask)
         if self.split:
             hidden = self.lm.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-            return gather_logprobs(hidden[:, -T:], self.lm.get_output_embeddings(), targets, temperature, self.chunk_size, entropy)
-        try:
-            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T).logits
-        except TypeError:  # a model without logits_to_keep
-            logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        return logprobs_from_logits(logits[:, -T:], targets, temperature, self.chunk_size, entropy)
+            lp, ent = gather_logprobs(hidden[:, -T:], self.lm.get_output_embeddings(), targets, temperature, self.chunk_size, entropy)
+        else:
+            try:
+                logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=T).logits
+            except TypeError:  # a model without logits_to_keep
+                logits = self.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            lp, ent = logprobs_from_logits(logits[:, -T:], targets, temperature, self.chunk_size, entropy)
+        # fresh tensors, not views: under FSDP2 this is the sharded root's output, whose views it warns about
+        # (an in-place op on one would skip the root's pre-backward hook)
+        return lp.clone(), None if ent is None else ent.clone()
 
 
 def scored_rows(generation: Generation, idx: Tensor) -> tuple[Tensor, Tensor, int]:

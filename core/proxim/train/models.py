@@ -105,6 +105,12 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
     return tok
 
 
+def start_tokenizer(settings: Model) -> Any:
+    """The tokenizer of the model a run starts from: the byte tokenizer, or ``--tokenizer``, or the start model's."""
+    start = settings.start_model()
+    return byte_tokenizer() if start is None else load_tokenizer(settings.tokenizer or start, settings.trust_remote_code)
+
+
 def start_policy(settings: Model, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """The model a run starts from, before any warm start: the built-in tiny model (built from `seed`) or the
     directory `settings.start_model()`; its tokenizer; and its identity (what a warm-start cache entry depends on)."""
@@ -112,17 +118,34 @@ def start_policy(settings: Model, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     if start is None:
         tiny = tiny_config(settings.tiny_hidden_size, settings.tiny_layers, settings.tiny_heads)
         return build_tiny_model(tiny, seed), byte_tokenizer(), {"builtin": tiny.to_dict(), "seed": seed}
-    tokenizer = load_tokenizer(settings.tokenizer or start, settings.trust_remote_code)
+    tokenizer = start_tokenizer(settings)
     lm = load_causal_lm(start, settings.trust_remote_code)
     mtime = max((p.stat().st_mtime for p in Path(start).glob("*.safetensors")), default=0)
     return lm, tokenizer, {"path": str(Path(start).resolve()), "mtime": mtime}
 
 
 def load_policy(directory: Path, settings: Model, tokenizer_beside: bool) -> tuple[Any, Any]:
-    """The causal LM in `directory` and its tokenizer: saved beside it (`tokenizer_beside`, a run's ``init/``
-    folder), else from ``--tokenizer`` or the same folder."""
+    """The causal LM in `directory`, its dropout off (`disable_dropout`), and its tokenizer: saved beside it
+    (`tokenizer_beside`, a run's ``init/`` folder), else from ``--tokenizer`` or the same folder."""
     tokenizer = load_tokenizer(directory if tokenizer_beside else settings.tokenizer or directory, settings.trust_remote_code)
-    return load_causal_lm(directory, settings.trust_remote_code), tokenizer
+    return disable_dropout(load_causal_lm(directory, settings.trust_remote_code)), tokenizer
+
+
+def disable_dropout(model: Any) -> Any:
+    """`model` with every dropout probability set to 0 (its `nn.Dropout` modules, and the float ``*dropout*``
+    attributes that attention and decoder layers read when training, such as ``attention_dropout``); returned.
+
+    A policy is sampled in eval mode and scored in whatever mode it is in: with dropout left on, the two see
+    different networks and the first ratio of a rollout is not 1 (GPT-2's 0.1 dropouts did this once a LoRA
+    model had been put back in training mode by ``generate``). TRL turns dropout off for DPO and reward models too.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
 
 
 def frozen_copy(directory: Path, settings: Model, device: torch.device | str) -> Any:

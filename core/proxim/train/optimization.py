@@ -12,6 +12,12 @@ One update::
 The learning-rate schedule is transformers' (``constant`` with warm-up, ``linear``, ``cosine``) over a
 horizon of optimiser updates fixed when the run starts; the horizon is saved with the optimiser, so a
 resumed run with more ``--steps`` continues the same curve instead of stretching it.
+
+With fp16 (`proxim.train.distributed.loss_scaling`) accelerate scales the loss in ``backward`` and unscales
+the gradients before clipping; an update whose loss is finite but whose scaled gradients overflowed is
+the scaler's to handle (it skips the step and lowers its scale), so it is skipped and counted but does not
+count towards ``max_nonfinite`` while the scale is at least 1. Sharded (FSDP2) models are prepared by
+`proxim.train.sharding`, and the optimiser's state dict is gathered to full tensors for checkpoints.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import torch
 from torch import nn
 
 from proxim.errors import TrainingError
+from proxim.train import sharding
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from proxim.train.sections import Optimizer
+    from proxim.train.step_sections import Optimizer
 
 _M = TypeVar("_M")
 
@@ -83,8 +90,12 @@ class Optimization:
         )
 
     def prepare(self, *models: _M) -> tuple[_M, ...]:
-        """Let accelerate place and wrap `models` and the optimiser (DDP, mixed precision); returns the wrapped models."""
-        *wrapped, self.optimizer = self.accelerator.prepare(*models, self.optimizer)
+        """Let accelerate place and wrap `models` and the optimiser (DDP, FSDP2, mixed precision); returns the wrapped models."""
+        if sharding.is_sharded(self.accelerator):
+            sharded, self.optimizer = sharding.prepare(self.accelerator, list(models), self.optimizer)  # type: ignore[arg-type]
+            wrapped: list[Any] = list(sharded)
+        else:
+            *wrapped, self.optimizer = self.accelerator.prepare(*models, self.optimizer)
         self.models = tuple(wrapped)
         return tuple(wrapped)
 
@@ -120,21 +131,29 @@ class Optimization:
     def _step(self, loss: torch.Tensor) -> float | None:
         acc, settings = self.accelerator, self.settings
         max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
-        clip = torch.nn.utils.clip_grad_norm_ if self.local else acc.clip_grad_norm_
-        grad_norm = clip(self.parameters, max_norm)
-        finite = torch.isfinite(torch.as_tensor(grad_norm, device=loss.device)) & torch.isfinite(loss)
+        if self.local:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm)
+        elif sharding.is_sharded(acc):
+            acc.unscale_gradients()  # (fp16: the loss scaler's; nothing otherwise)
+            grad_norm = sharding.clip_grad_norm(self.parameters, max_norm)
+        else:
+            grad_norm = acc.clip_grad_norm_(self.parameters, max_norm)
+        # [gradient and loss finite, loss finite] on every process
+        flags = torch.stack([torch.isfinite(torch.as_tensor(grad_norm, device=loss.device)) & torch.isfinite(loss), torch.isfinite(loss)]).float()
         if acc.num_processes > 1 and not self.local:
-            finite = acc.reduce(finite.float(), reduction="min") > 0
-        ok = bool(finite)
+            flags = acc.reduce(flags, reduction="min")
+        ok, loss_finite = bool(flags[0] > 0), bool(flags[1] > 0)
+        scaler = acc.scaler if not self.local else None
         if ok:
             self.optimizer.step()
             self.scheduler.step()
             self.nonfinite_streak = 0
         else:
-            if acc.scaler is not None and not self.local:  # fp16: the loss scaler skips the step itself and lowers its scale
+            if scaler is not None:  # fp16: the loss scaler skips the step itself and lowers its scale
                 self.optimizer.step()
             self.nonfinite_total += 1
-            self.nonfinite_streak += 1
+            if not (scaler is not None and loss_finite and scaler.get_scale() >= 1.0):  # not an overflow the scaler handles
+                self.nonfinite_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         if self.nonfinite_streak >= settings.max_nonfinite:
             raise NonFiniteUpdates(
@@ -145,8 +164,13 @@ class Optimization:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The optimisation state; with sharded models every process must call it (the optimiser's states are
+        gathered to full tensors, which only the main process keeps: `proxim.train.sharding.full_tensors`)."""
+        optimizer = self.optimizer.state_dict()
+        if sharding.is_sharded(self.accelerator) and not self.local:
+            optimizer = sharding.full_tensors(optimizer, keep=self.accelerator.is_main_process)
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "horizon": self.horizon,
             "nonfinite_total": self.nonfinite_total,
@@ -157,7 +181,10 @@ class Optimization:
         """Restore a saved state, its schedule horizon included (the schedule continues the saved curve)."""
         self.horizon = int(state["horizon"])
         self.scheduler = self._schedule(self.horizon)  # before the optimiser's state: building a schedule resets the groups' lr
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if sharding.is_sharded(self.accelerator) and not self.local:
+            optimizer = sharding.shard_optimizer_state(optimizer, self.optimizer)
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_streak = int(state["nonfinite_streak"])

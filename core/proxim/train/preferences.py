@@ -31,7 +31,7 @@ from proxim.errors import ConfigurationError
 from proxim.tasks import Example, Task
 from proxim.train.config import PreferenceConfig, RewardModelConfig
 from proxim.train.hf_generator import HFGenerator
-from proxim.train.prompts import RowSource
+from proxim.train.prompts import RowSource, encode_prompts
 from proxim.train.records import PAIR_FIELDS, Record, read_records, render_prompts
 from proxim.train.warmstart import cache_root
 
@@ -59,9 +59,10 @@ class PreferenceSet:
         return RowSource(self.train, seed, self.held_out, origin=self.origin)
 
 
-def load_pairs(path: str, tokenizer: Any, eval_size: int | None) -> PreferenceSet:
-    """The pairs of a JSONL file, chat prompts rendered; the first `eval_size` (default 10%, at most 200) held out."""
-    records = render_prompts(read_records(path, PAIR_FIELDS), tokenizer, path)
+def load_pairs(path: str, tokenizer: Any, eval_size: int | None, system_prompt: str | None = None) -> PreferenceSet:
+    """The pairs of a JSONL file, chat messages rendered (`system_prompt` first in each chat prompt; chosen and
+    rejected after the same prompt text); the first `eval_size` (default 10%, at most 200) held out."""
+    records = render_prompts(read_records(path, PAIR_FIELDS), tokenizer, path, system_prompt)
     k = eval_size if eval_size is not None else min(200, len(records) // 10)
     if k >= len(records):
         raise ConfigurationError(f"{path}: {len(records)} pairs leave none to train on after holding out {k}; add pairs or lower --eval-size.")
@@ -74,9 +75,14 @@ def preference_set(config: PairSettings, task: Task | None, lm: Any, tokenizer: 
     In a multi-process run the main process builds a missing set while the others wait, then all read it.
     """
     if config.data is not None:
-        return load_pairs(config.data, tokenizer, config.eval_size)
+        return load_pairs(config.data, tokenizer, config.eval_size, config.system_prompt)
     if task is None:
         raise ConfigurationError("preference pairs need --data pairs.jsonl, or a task to build them from.")
+    if config.system_prompt is not None:
+        raise ConfigurationError(
+            f"system_prompt is put first in chat prompts, but the pairs are built from the task {task.name!r}, whose prompts are strings; "
+            "give chat pairs with --data, or drop system_prompt."
+        )
     entry = cache_root(config.cache_dir) / "preferences" / f"{task.name}-{_cache_key(config, task, lm)}.json"
     if not entry.is_file() and accelerator.is_main_process:
         data = make_pairs(lm, tokenizer, eos_ids, task, config)
@@ -96,7 +102,7 @@ def make_pairs(lm: Any, tokenizer: Any, eos_ids: Sequence[int], task: Task, conf
 
     def pairs(examples: Sequence[Example], samples: int) -> list[Record]:
         prompts = [e.prompt for e in examples]
-        gen = generator.generate(tokenizer(prompts)["input_ids"], samples, config.temperature, config.top_p, max_new_tokens)
+        gen = generator.generate(encode_prompts(tokenizer, prompts), samples, config.temperature, config.top_p, max_new_tokens)
         rewards = task.reward([p for p in prompts for _ in range(samples)], gen.completions, answer=[e.answer for e in examples for _ in range(samples)])
         out = []
         for i, e in enumerate(examples):

@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from proxim.errors import ConfigurationError
-from proxim.train.prompts import columns
+from proxim.train.prompts import columns, encode_prompts
 
 if TYPE_CHECKING:
     from proxim.tasks import Task
@@ -154,7 +154,7 @@ class RewardModel:
         texts = [p + c for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True).to(self.device)
+            enc = self.tokenizer.pad({"input_ids": encode_prompts(self.tokenizer, texts[i : i + self.batch_size])}, return_tensors="pt").to(self.device)
             scores.extend(self.model(**enc).logits[:, 0].float().tolist())
         return scores
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 class RunSettings(Protocol):
     """What the run folder and the session read of a recipe's configuration: its run settings, the model's
-    precision, and how it writes itself (every recipe configuration has these)."""
+    precision and threads, and how it writes itself (every recipe configuration has these)."""
 
     command: ClassVar[str]
 
@@ -43,6 +43,8 @@ class RunSettings(Protocol):
     def keep_checkpoints(self) -> int: ...
     @property
     def mixed_precision(self) -> str: ...
+    @property
+    def threads(self) -> str: ...
     def to_toml(self) -> str: ...
     def to_dict(self) -> dict[str, Any]: ...
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from proxim.errors import ConfigurationError
+from proxim.train import threads
 from proxim.train.files import check_run_name
 from proxim.train.settings import Settings, section, setting
 
@@ -166,9 +167,17 @@ class Records(Checked):
         None,
         "JSONL records for offline training: {prompt, chosen, rejected} pairs for --preset dpo/ipo/hinge and proxim reward-model, {prompt, response} for proxim sft; default: built from the task",
     )
+    system_prompt: str | None = setting(
+        None, "system message put first in every chat prompt (a prompt given as a list of messages) that has none of its own", metavar="TEXT"
+    )
 
     def validate(self, context: CheckContext) -> None:
         _files(self, "data")
+        if self.system_prompt is not None and self.data is None and getattr(self, "prompts_file", None) is None and not context.custom_prompts:
+            raise ConfigurationError(
+                "system_prompt is put first in chat prompts, but the prompts here are the task's strings; give chat prompts "
+                "(--prompts-file, or --data records) or drop --system-prompt."
+            )
         super().validate(context)
 
 
@@ -192,9 +201,22 @@ class Model(Checked):
     tiny_hidden_size: int = setting(128, "built-in model: hidden size", min=8)
     tiny_layers: int = setting(2, "built-in model: decoder layers", min=1)
     tiny_heads: int = setting(4, "built-in model: attention heads (must divide the hidden size)", min=1)
-    mixed_precision: str = setting("no", "accelerate mixed precision", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = setting(
+        "auto",
+        "accelerate mixed precision: auto (bf16 on a CUDA GPU that supports it, else float32; an accelerate launch's fp16/bf16 wins), "
+        "no (float32), fp16 (with loss scaling; CUDA only) or bf16",
+        choices=("auto", "no", "fp16", "bf16"),
+    )
+    threads: str = setting(
+        "auto",
+        "CPU threads per process for torch: auto (the cores other processes leave idle when the run starts, shared by "
+        "this launch's processes; OMP_NUM_THREADS wins; a resumed run keeps its checkpoint's count) or a number",
+        resumable=True,
+        none_word=False,
+    )
 
     def validate(self, context: CheckContext) -> None:
+        threads.check_setting(self.threads)
         if self.tiny_hidden_size % self.tiny_heads:
             raise ConfigurationError(f"tiny_heads={self.tiny_heads} must divide tiny_hidden_size={self.tiny_hidden_size}.")
         _model_dirs(self, "model", "tokenizer")
@@ -281,93 +303,6 @@ class Start(Init, WarmStart):
         if self.init is not None and self.warmstart_steps:
             raise ConfigurationError(f"init={self.init!r} is used as is, without a warm start; drop warmstart_steps, or give the directory as model instead.")
         super().validate(context)
-
-
-# -- sampling --------------------------------------------------------------------------------------
-
-
-@section("sampling")
-class Steps(Checked):
-    steps: int = setting(400, "training steps; each is one rollout and its updates (one batch of pairs offline)", min=1, resumable=True)
-    prompts_per_step: int = setting(
-        32, "prompts per step, over all processes (divisible by the process count); preference pairs per step when training offline", min=1
-    )
-
-    def validate(self, context: CheckContext) -> None:
-        if self.prompts_per_step % context.num_processes:
-            raise ConfigurationError(f"prompts_per_step={self.prompts_per_step} must be divisible by the {context.num_processes} processes.")
-        super().validate(context)
-
-
-@section("sampling")
-class Sampling(Checked):
-    temperature: float = setting(1.0, "sampling temperature; the same temperature scales the logits when scoring log-probs", min=0.0, min_open=True)
-    top_p: float = setting(1.0, "nucleus sampling threshold", min=0.0, min_open=True, max=1.0)
-
-
-@section("sampling")
-class Generation(Checked):
-    max_new_tokens: int | None = setting(None, "response length limit in tokens; default the task's (64 for prompts files)", min=1)
-    generation_batch_size: int | None = setting(None, "hf generator: sequences per generate call; default all at once", min=1)
-
-    def max_new_tokens_for(self, task: Task | None) -> int:
-        """The response length limit: the setting, else the task's, else 64."""
-        if self.max_new_tokens is not None:
-            return self.max_new_tokens
-        return int(task.max_new_tokens) if task is not None else 64
-
-
-@section("sampling")
-class Rollout(Checked):
-    group_size: int = setting(8, "responses sampled per prompt (G)", min=1)
-    old_logprobs: str = setting(
-        "recompute",
-        "old log-probs (the trust region's anchor, stage 1's KL): recompute (a policy forward after sampling) or sampler (the generator's own, recorded while sampling: one forward pass less per step; needs top_p=1)",
-        choices=("recompute", "sampler"),
-    )
-    generator: str = setting("hf", "hf (transformers generate) or vllm (needs vLLM installed)", choices=("hf", "vllm"))
-    vllm_gpu_memory_utilization: float = setting(0.3, "vllm generator on GPU: fraction of GPU memory for the engine", min=0.0, min_open=True, max=1.0)
-
-
-# -- optimisation ----------------------------------------------------------------------------------
-
-
-@section("optimisation")
-class Optimizer(Checked):
-    weight_decay: float = setting(0.0, "AdamW weight decay", min=0.0)
-    adam_beta1: float = setting(0.9, "AdamW beta1", min=0.0, max=1.0)
-    adam_beta2: float = setting(0.99, "AdamW beta2", min=0.0, max=1.0)
-    adam_eps: float = setting(1e-8, "AdamW epsilon", min=0.0, min_open=True)
-    lr_schedule: str = setting(
-        "constant",
-        "learning-rate schedule after warm-up, over all optimiser updates (transformers' schedulers; the horizon is saved, so a resumed run continues the same curve)",
-        choices=("constant", "linear", "cosine"),
-    )
-    warmup_updates: int = setting(0, "optimiser updates of linear learning-rate warm-up", min=0)
-    max_grad_norm: float = setting(1.0, "gradient clipping by global norm (0: no clipping; the norm is still logged)", min=0.0)
-    max_nonfinite: int = setting(5, "stop with an error (and a checkpoint) after this many non-finite updates in a row", min=1)
-    micro_batch_size: int | None = setting(None, "sequences (pairs, records) per forward/backward (gradient accumulation); default the minibatch", min=1)
-
-
-@section("optimisation")
-class SupervisedOptimizer(Optimizer):
-    """The optimiser of supervised fine-tuning and of the warm start: warm-up over 100 updates, beta2 0.98, no clipping."""
-
-    adam_beta2: float = setting(0.98, "AdamW beta2", min=0.0, max=1.0)
-    warmup_updates: int = setting(100, "optimiser updates of linear learning-rate warm-up", min=0)
-    max_grad_norm: float = setting(0.0, "gradient clipping by global norm (0: no clipping; the norm is still logged)", min=0.0)
-
-
-@section("optimisation")
-class LearningRate(Checked):
-    lr: float = setting(1e-4, "learning rate (AdamW)", min=0.0)
-
-
-@section("optimisation")
-class Updates(Checked):
-    epochs: int = setting(1, "passes over each rollout (E), in shuffled minibatches", min=1)
-    minibatch_size: int | None = setting(None, "sequences per optimiser update, per process; default the whole rollout", min=1)
-    critic_lr: float | None = setting(None, "critic learning rate; default lr", min=0.0)
 
 
 # -- run -------------------------------------------------------------------------------------------

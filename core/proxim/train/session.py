@@ -9,6 +9,10 @@ Every recipe opens one::
     session.restore(models, optimization)        a resumed run: weights, optimiser, RNG, the start step
     session.begin()                              config.toml/json, metrics.jsonl (the steps a resumed run keeps)
     outcome = session.run_steps(step, ...)       `proxim.train.loop.StepLoop`, checkpoints through `save`
+    session.save_trained(model, tokenizer, merge) RUN/model (and RUN/model-merged)
+
+Saving is collective: with sharded (FSDP2) models every process takes part in gathering the weights,
+and the main process writes them (`proxim.train.checkpoint`, `proxim.train.sharding`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from proxim.errors import ConfigurationError, TrainingError
-from proxim.train import checkpoint, distributed
+from proxim.train import adapters, checkpoint, distributed, sharding, threads
 from proxim.train.loop import Metrics, Outcome, StepLoop
 from proxim.train.reporting import Progress
 from proxim.train.run_folder import RunFolder, RunSettings
@@ -43,7 +47,22 @@ class Session:
         self.rank: int = self.accelerator.process_index
         self.world: int = self.accelerator.num_processes
         self.is_main: bool = self.accelerator.is_main_process
+        self.sharded: bool = sharding.is_sharded(self.accelerator)
+        # each process resolved its precision (auto) and sharding on its own machine: they must agree
+        distributed.agree(self.accelerator, f"mixed_precision={self.accelerator.mixed_precision}, sharded={self.sharded}", "precision and sharding")
+        if self.sharded and getattr(config, "merge_lora", False):
+            raise ConfigurationError(
+                "merge_lora with sharded (FSDP) models: the merge needs the whole model in one process. Train without "
+                "--merge-lora (RUN/model holds the adapter), then merge it in one process: "
+                "peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('RUN/init'), 'RUN/model').merge_and_unload().save_pretrained(DIR)."
+            )
         self.progress = Progress(config.quiet, self.is_main)
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
+        self.threads = threads.choose(config.threads, local_processes)
+        threads.apply(self.threads.count)
+        self.progress.say(f"torch threads: {self.threads.count} ({self.threads.reason})")
+        if self.accelerator.mixed_precision != "no":
+            self.progress.say(f"mixed precision: {self.accelerator.mixed_precision} (setting: {config.mixed_precision})")
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # weight loading/saving bars would drown the training bar
@@ -105,9 +124,22 @@ class Session:
                 f"note: the {optimization.settings.lr_schedule} schedule spans the first {optimization.horizon} updates of this run; "
                 "later updates keep its final learning rate."
             )
+        self._keep_threads(state.get("threads"))
         self.start_step, self.time_before = int(state["step"]), float(state.get("train_time", 0.0))
         self.progress.say(f"resuming {self.path} from step {self.start_step} ({latest.name})")
         return state
+
+    def _keep_threads(self, then: int | None) -> None:
+        """A resumed run continues with its checkpoint's thread count (torch's results differ in their last bits
+        between counts), unless the user names one."""
+        if then is None or then == self.threads.count:
+            return
+        if self.config.threads == "auto":
+            self.threads = threads.ThreadChoice(int(then), "the checkpoint's, so that the run continues bit for bit")
+            threads.apply(self.threads.count)
+            self.progress.say(f"torch threads: {then} (the checkpoint's, so that the run continues bit for bit)")
+        else:
+            self.progress.say(f"note: the checkpoint was written with {then} threads, this run has {self.threads.count}: numbers differ in their last bits.")
 
     def _check_same_settings(self, directory: Path) -> None:
         """Refuse to continue with settings (other than the resumable ones) that differ from the checkpoint's copy."""
@@ -138,10 +170,24 @@ class Session:
             accelerator=self.accelerator,
             models=models,
             optimization=optimization,
-            state={"train_time": train_time, "world_size": self.world, **state},
+            state={"train_time": train_time, "world_size": self.world, "threads": self.threads.count, **state},
             config_toml=self.config.to_toml(),
             keep=self.config.keep_checkpoints,
         )
+
+    def save_trained(self, model: nn.Module, tokenizer: Any, merge: bool) -> None:
+        """Write RUN/model (the adapter alone, for a LoRA run) and, with `merge`, RUN/model-merged (collective).
+
+        A sharded model is gathered on every process first and written by the main one (merging is refused
+        for sharded runs when the session opens). Call it last: merging changes the model."""
+        full = checkpoint.full_weights(model, keep=self.is_main)
+        if self.is_main:
+            if full is None:
+                adapters.save_trained(model, tokenizer, self.path, merge)
+            else:
+                model.save_pretrained(str(self.path / "model"), state_dict=full, safe_serialization=True)  # type: ignore[operator]
+                tokenizer.save_pretrained(str(self.path / "model"))
+        self.accelerator.wait_for_everyone()
 
     def run_steps(
         self,

@@ -122,6 +122,25 @@ class Settings:
     command: ClassVar[str] = ""
     """The command a configuration belongs to, for the header of its TOML."""
 
+    def __new__(cls: type[_S], *args: Any, **values: Any) -> _S:
+        # attrs writes only ``__init__``; the names passed are recorded here, before it runs, so that
+        # settings left to their defaults can take a preset's training regime (`given`).
+        instance = super().__new__(cls)
+        object.__setattr__(instance, "_given", frozenset(values))
+        return instance
+
+    def given(self) -> frozenset[str]:
+        """The names of the settings passed when this configuration was built; the others hold their defaults.
+
+        A TOML file and flags pass only what they hold, so a setting is given exactly when the user wrote
+        it, even with its default value. A copy made from every value (``cls(**c.to_dict())``) gives all."""
+        given: frozenset[str] = self.__dict__.get("_given", frozenset(self.names()))
+        return given
+
+    def given_values(self) -> dict[str, Any]:
+        """The settings that were given (`given`), with their values."""
+        return {n: getattr(self, n) for n in self.names() if n in self.given()}
+
     @classmethod
     def fields(cls) -> tuple[attrs.Attribute[Any], ...]:
         """The settings in the order their sections are listed (the class's MRO), each once; a setting a

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from proxim.train.prompts import encode_prompts
+from proxim.train.records import response_tokens
+
 if TYPE_CHECKING:
     from proxim.tasks import Task
     from proxim.train.optimization import Optimization
@@ -28,11 +31,14 @@ Batches = Callable[[int], SupervisedBatch]
 
 
 def encode_supervised(tokenizer: Any, pairs: Sequence[tuple[str, str]], eos_id: int, device: torch.device | str) -> SupervisedBatch:
-    """`SupervisedBatch` of ``prompt + target + EOS`` per (prompt, target) pair, right-padded."""
+    """`SupervisedBatch` of ``prompt + target + EOS`` per (prompt, target) pair, right-padded.
+
+    The prompt is encoded as every prompt is (`proxim.train.prompts.encode_prompts`: a rendered chat template
+    keeps its one BOS), the target as a response is (`proxim.train.records.response_tokens`: EOS once)."""
     seqs, starts = [], []
-    for prompt_text, target_text in pairs:
-        prompt = tokenizer(prompt_text)["input_ids"]
-        target = tokenizer(target_text, add_special_tokens=False)["input_ids"] + [eos_id]
+    prompts = encode_prompts(tokenizer, [p for p, _ in pairs])
+    for prompt, (_, target_text) in zip(prompts, pairs):
+        target = response_tokens(tokenizer, target_text, eos_id)
         seqs.append(prompt + target)
         starts.append(len(prompt))
     n = len(seqs)

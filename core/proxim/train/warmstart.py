@@ -28,7 +28,7 @@ import torch
 
 from proxim.train import models
 from proxim.train.optimization import Optimization, parameter_groups
-from proxim.train.sections import SupervisedOptimizer
+from proxim.train.step_sections import SupervisedOptimizer
 from proxim.train.supervised import SupervisedStep, task_batches
 
 if TYPE_CHECKING:

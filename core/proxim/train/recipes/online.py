@@ -3,12 +3,14 @@
 One step (`Trainer.step`)::
 
     prompts  --generator-->  G responses each  --rewards-->  R [B]
+    (a colocated vLLM engine sleeps from here to the weight sync, and the trainer has the GPU)
     no grad: old log-probs (policy), reference log-probs (only if the objective needs them), values
              (only if it has a critic)                       -> proxim.Rollout
     stage 1: est = objective.advantages(rollout)              (once per rollout)
     stage 2: E epochs x shuffled minibatches x micro-batches:
              objective.loss(logprobs, rollout[idx], est[idx], values, normalizer=global count, entropy)
              one update each (`proxim.train.optimization`: accumulate, clip, skip and count non-finite)
+    the generator syncs to the new weights (a sleeping engine wakes: weights, sync, KV cache)
     log the step's metrics
 
 Run it with ``proxim train`` (see ``proxim train --help``) or ``proxim.train.train(TrainConfig(...))``;
@@ -28,19 +30,20 @@ import attrs
 import torch
 
 import proxim
+from proxim.diagnostics import GradientDiagnostics, combine_gradient_diagnostics
 from proxim.errors import ConfigurationError, TrainingError
 from proxim.ops import kl_estimate, masked_mean, masked_sum
-from proxim.train import adapters, distributed, models
+from proxim.train import adapters, distributed, models, sharding
 from proxim.train.config import TrainConfig
 from proxim.train.critic import build_critic, response_values
 from proxim.train.evaluation import evaluate_prompts
 from proxim.train.figures import informative, write_figure
-from proxim.train.generation import Generation, GeneratorContext, make_generator
+from proxim.train.generation import Generation, GeneratorContext, make_generator, put_to_sleep
 from proxim.train.logprobs import PolicyScorer, response_logprobs
 from proxim.train.loop import step_seed
 from proxim.train.optimization import Optimization, parameter_groups
 from proxim.train.panels import online_panels
-from proxim.train.prompts import columns, prompt_source
+from proxim.train.prompts import columns, encode_prompts, prompt_source
 from proxim.train.results import EvalResult, RunResult, summary_table
 from proxim.train.rewards import RewardError, RewardSpec, build_rewards, probe_rewards, score_rows
 from proxim.train.run_folder import default_name
@@ -86,8 +89,9 @@ class Trainer:
         distributed.agree(acc, json.dumps(config.to_dict(), sort_keys=True, default=str), "configuration")
         self.task = config.load_task(self.registry)
         self.prompts = prompt_source(
-            self.task, c.seed, rows=prompts, prompts_file=c.prompts_file, held_out=eval_prompts, eval_prompts_file=c.eval_prompts_file, eval_size=c.eval_size
-        )
+            self.task, c.seed, rows=prompts, prompts_file=c.prompts_file, held_out=eval_prompts, eval_prompts_file=c.eval_prompts_file, eval_size=c.eval_size,
+            tokenizer=models.start_tokenizer(c), system_prompt=c.system_prompt,
+        )  # fmt: skip
         self.max_new_tokens = c.max_new_tokens_for(self.task if c.prompts_file is None else None)
         self.rewards = build_rewards(c.rewards, c.reward_weights, self.task, custom=rewards, device=acc.device, model=c)
         probe_rewards(self.rewards, self.prompts.batch(0, rank, world, min(2, c.prompts_per_step // world)))  # fails in seconds
@@ -100,18 +104,19 @@ class Trainer:
             self.eos_ids = models.eos_ids(self.tokenizer, lm)
             self.n_params = sum(p.numel() for p in lm.parameters())
             lm = adapters.prepare(lm, c, c.seed)  # LoRA and gradient checkpointing, as asked
-            self.reference = self._reference(lm) if "ref_logprobs" in self.objective.requires or c.adaptive_kl else None
-            critic = build_critic(lm, c.critic_model, c.trust_remote_code, c.gradient_checkpointing) if self.objective.has_critic else None
             policy = PolicyScorer(lm, c.logprob_chunk_size)
+            self.reference = self._reference(lm, policy) if "ref_logprobs" in self.objective.requires or c.adaptive_kl else None
+            critic = build_critic(lm, c.critic_model, c.trust_remote_code, c.gradient_checkpointing) if self.objective.has_critic else None
             groups = [(policy, c.lr)] + ([(critic, c.critic_lr if c.critic_lr is not None else c.lr)] if critic is not None else [])
-            self.updates_per_step = c.epochs * -(-self.local_batch // (c.minibatch_size or self.local_batch))
+            self.updates_per_step = c.epochs * -(-self.local_batch // c.minibatch_for(self.local_batch))
             self.optimization = Optimization(acc, parameter_groups(groups), c, horizon=c.steps * self.updates_per_step)
             prepared = self.optimization.prepare(policy, *([critic] if critic is not None else []))
             self.policy, self.critic = prepared[0], prepared[1] if critic is not None else None
             context = GeneratorContext(
-                self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size, c.vllm_gpu_memory_utilization
+                self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size, c.vllm_gpu_memory_utilization, c.vllm_sleep_mode
             )
             self.generator = make_generator(c.generator, context)
+            self.old_source, self.old_source_reason = c.old_logprobs_source(self.objective, acc.mixed_precision)
             # -- where the run starts: step 0, or the latest checkpoint --------------------------------
             if resume is not None:
                 state = session.restore(self.trained_models(), self.optimization, self.fingerprint, updates=c.steps * self.updates_per_step)
@@ -122,12 +127,14 @@ class Trainer:
             kl_coef = self.objective.options.kl_coef
             self.kl_controller = proxim.AdaptiveKLController(value=kl_coef, target=c.kl_target, horizon=c.kl_horizon) if c.adaptive_kl else None
 
-    def _reference(self, lm: Any) -> torch.nn.Module:
-        """The reference policy: the initial policy, frozen; with LoRA, the policy itself with its adapter disabled."""
+    def _reference(self, lm: Any, policy: PolicyScorer) -> torch.nn.Module:
+        """The reference policy: the initial policy, frozen (sharded like the policy under FSDP); with LoRA, the
+        policy's own scorer (under FSDP the sharded module itself) with its adapter disabled."""
         c = self.config
         if adapters.is_adapted(lm):
-            return adapters.WithoutAdapter(PolicyScorer(lm, c.logprob_chunk_size), lm)
-        return PolicyScorer(models.frozen_copy(self.init_dir, c, self.accelerator.device), c.logprob_chunk_size)
+            return adapters.WithoutAdapter(policy, lm)
+        frozen = PolicyScorer(models.frozen_copy(self.init_dir, c, self.accelerator.device), c.logprob_chunk_size)
+        return sharding.prepare_frozen(self.accelerator, frozen)
 
     @property
     def local_batch(self) -> int:
@@ -155,6 +162,7 @@ class Trainer:
         t_generate = time.perf_counter()
         generation = self.sample(rows)
         t_generate = time.perf_counter() - t_generate
+        put_to_sleep(self.generator)  # a colocated engine frees the GPU for training; the sync below wakes it
         scores, failure = self._try_score(rows, generation, step)
         if distributed.any_process(self.accelerator, scores is None):  # every process skips with the one whose rewards failed
             return self._skip(step, failure, t0)
@@ -165,7 +173,9 @@ class Trainer:
         metrics = {**self._rollout_metrics(rows, generation, scores, batch), "time/generate": t_generate}
         metrics.update({k if k not in metrics else f"objective/{k}": float(v) for k, v in estimate.metrics.items()})
         metrics.update(self.update(generation, batch, estimate, step))
+        t_sync = time.perf_counter()
         self.generator.sync(self.lm)
+        metrics["time/sync"] = time.perf_counter() - t_sync
         self._adapt_kl(metrics, batch)
         metrics.update({"time/step": time.perf_counter() - t0, "kl/coef": self.objective.options.kl_coef, "reward/failed": 0.0})
         self._log_samples(step, rows, generation, scores)
@@ -175,7 +185,7 @@ class Trainer:
     def sample(self, rows: Sequence[Mapping[str, Any]], n: int | None = None, greedy: bool = False) -> Generation:
         """`n` (default G) responses to each row's prompt (greedy: the most likely one), on this process's device."""
         c = self.config
-        prompt_ids = [list(ids) for ids in self.tokenizer([r["prompt"] for r in rows])["input_ids"]]
+        prompt_ids = encode_prompts(self.tokenizer, [r["prompt"] for r in rows])
         generation = self.generator.generate(prompt_ids, n or c.group_size, c.temperature, c.top_p, self.max_new_tokens, greedy=greedy)
         return generation.to(self.accelerator.device)
 
@@ -189,15 +199,16 @@ class Trainer:
         """The `proxim.Rollout` of a generation: old log-probs, and reference log-probs and values when needed."""
         c, acc = self.config, self.accelerator
         old, ref, values = [], [], []
-        if c.old_logprobs == "sampler":
+        from_sampler = self.old_source == "sampler"
+        if from_sampler:
             if generation.rollout_logprobs is None:
                 raise TrainingError(f"old_logprobs='sampler': the {c.generator} generator reported no log-probs here; use old_logprobs='recompute'.")
             old.append(generation.rollout_logprobs.float())
         B = len(generation.completions)
-        size = c.micro_batch_size or c.minibatch_size or B
+        size = c.micro_batch_size or c.minibatch_for(B)
         for idx in (torch.arange(i, min(i + size, B), device=acc.device) for i in range(0, B, size)):
             with acc.autocast():
-                if c.old_logprobs != "sampler":
+                if not from_sampler:
                     old.append(response_logprobs(acc.unwrap_model(self.policy), generation, idx, c.temperature)[0])
                 if self.reference is not None:
                     ref.append(response_logprobs(self.reference, generation, idx, c.temperature)[0])
@@ -214,13 +225,17 @@ class Trainer:
         )
 
     def update(self, generation: Generation, batch: proxim.Rollout, estimate: proxim.Estimate, step: int) -> dict[str, float]:
-        """Stage 2: E epochs of shuffled minibatches, one optimiser update each; the mean of their metrics."""
+        """Stage 2: E epochs of shuffled minibatches, one optimiser update each; the mean of their metrics.
+
+        An update's loss terms (``loss/*``) are the sums over its micro-batches (each is normalised by the whole
+        minibatch's count, so they add up to the minibatch's loss); the other metrics are means per micro-batch."""
         c, acc, obj = self.config, self.accelerator, self.objective
         B = batch.batch_size
-        size = c.minibatch_size or B
+        size = c.minibatch_for(B)
         sums: dict[str, torch.Tensor] = {}
         norms: list[float] = []
-        count = skipped = 0
+        gradients: list[GradientDiagnostics] = []
+        count = updates = skipped = 0
         for epoch in range(c.epochs):
             order = torch.randperm(B, generator=torch.Generator().manual_seed(step_seed(c.seed, step, self.rank, epoch))).to(acc.device)
             for start in range(0, B, size):
@@ -234,7 +249,9 @@ class Trainer:
                     with acc.autocast():
                         lp, entropy = response_logprobs(self.policy, generation, micro, c.temperature, obj.needs_entropy)
                         values = response_values(self.critic, generation, micro) if self.critic is not None else None
-                    out = obj.loss(lp, batch[micro], estimate[micro], values=values, normalizer=normalizer, entropy=entropy)
+                    rows, estimated = batch[micro], estimate[micro]
+                    out = obj.loss(lp, rows, estimated, values=values, normalizer=normalizer, entropy=entropy)
+                    gradients.append(obj.gradient_diagnostics(lp, rows, estimated))
                     for key, v in out.metrics.items():
                         sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64, device=acc.device)) + v.detach().double()
                     count += 1
@@ -242,10 +259,12 @@ class Trainer:
 
                 micro = c.micro_batch_size or len(idx)
                 update = self.optimization.update([idx[i : i + micro] for i in range(0, len(idx), micro)], loss_of)
+                updates += 1
                 skipped += update.skipped
                 norms += [] if update.grad_norm is None else [update.grad_norm]
-        metrics = {k: float(v / max(count, 1)) for k, v in sums.items()}
+        metrics = {k: float(v / max(updates if k.startswith("loss/") else count, 1)) for k, v in sums.items()}
         mean_norm = sum(norms) / len(norms) if norms else float("nan")
+        metrics.update(combine_gradient_diagnostics(gradients))
         return {**metrics, "optim/grad_norm": mean_norm, "optim/lr": self.optimization.lr, "optim/skipped": float(skipped)}
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -273,7 +292,9 @@ class Trainer:
             f"run folder: {folder.path}\nobjective: {self.objective!r}\n"
             f"model: {c.start_model() or 'built-in tiny Llama'} ({self.n_params / 1e6:.2f} M parameters); "
             f"reference: {'yes' if self.reference is not None else 'no'}; critic: {'yes' if self.critic is not None else 'no'}; "
-            f"processes: {self.world}; device: {self.accelerator.device}"
+            f"processes: {self.world}; device: {self.accelerator.device}; old log-probs: {self.old_source} ({self.old_source_reason})\n"
+            f"updates per step: {self.updates_per_step} ({c.epochs} pass{'es' if c.epochs > 1 else ''} over {self.local_batch} sequences "
+            f"in minibatches of {c.minibatch_for(self.local_batch)}{'; only the first is on-policy' if self.updates_per_step > 1 else ', on-policy'})"
         )
         stored = folder.load_eval("before") if session.start_step else None
         before = EvalResult(**stored) if stored else self.evaluate("before")
@@ -291,8 +312,7 @@ class Trainer:
             panels = informative(online_panels(folder.history(), before, after))
             write_figure(folder.path / "plot.png", panels, title=f"{label} on {c.task or 'prompts'}: {c.steps} steps")
         folder.write_summary(summary_table(result, label))
-        if session.is_main:
-            adapters.save_trained(self.lm, self.tokenizer, folder.path, c.merge_lora)  # last: merging changes the model
+        session.save_trained(self.lm, self.tokenizer, c.merge_lora)  # last: merging changes the model
         self.generator.close()
         self.accelerator.wait_for_everyone()  # the main process writes the model and table; the others wait
         return result

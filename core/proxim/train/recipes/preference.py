@@ -29,7 +29,7 @@ import torch
 
 import proxim
 from proxim.errors import ConfigurationError
-from proxim.train import adapters, distributed, models
+from proxim.train import adapters, distributed, models, sharding
 from proxim.train.config import PreferenceConfig
 from proxim.train.evaluation import evaluate_prompts
 from proxim.train.figures import informative, write_figure
@@ -103,15 +103,15 @@ class PreferenceTrainer:
             self.n_params = sum(p.numel() for p in lm.parameters())
             self.pairs = preference_set(c, self.task, lm, self.tokenizer, self.eos_ids, acc)  # from the initial policy
             lm = adapters.prepare(lm, c, c.seed)  # LoRA and gradient checkpointing, as asked
-            if adapters.is_adapted(lm):  # the reference: the policy with its adapter disabled, or a frozen copy
-                self.reference: torch.nn.Module = adapters.WithoutAdapter(PolicyScorer(lm, c.logprob_chunk_size), lm)
+            policy = PolicyScorer(lm, c.logprob_chunk_size)
+            if adapters.is_adapted(lm):  # the reference: the policy (under FSDP its sharded scorer) with its adapter disabled, or a frozen copy
+                self.reference: torch.nn.Module = adapters.WithoutAdapter(policy, lm)
             else:
-                self.reference = PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size)
+                self.reference = sharding.prepare_frozen(acc, PolicyScorer(models.frozen_copy(self.init_dir, c, acc.device), c.logprob_chunk_size))
             for what, rows in (("training", self.pairs.train), ("held-out", self.pairs.held_out)):
                 if not rows:
                     raise ConfigurationError(f"{self.pairs.origin}: no {what} pairs (every sampled pair tied); raise --preference-prompts or --eval-size.")
             self.source = self.pairs.source(c.seed)
-            policy = PolicyScorer(lm, c.logprob_chunk_size)
             self.optimization = Optimization(acc, parameter_groups([(policy, c.lr)]), c, horizon=c.steps)
             (self.policy,) = self.optimization.prepare(policy)
             self.generator = make_generator(
@@ -241,8 +241,7 @@ class PreferenceTrainer:
             panels = informative(preference_panels(folder.history()))
             write_figure(folder.path / "plot.png", panels, title=f"{self.name} on {self.pairs.origin}: {c.steps} steps")
         folder.write_summary(preference_table(result, self.name))
-        if session.is_main:
-            adapters.save_trained(self.lm, self.tokenizer, folder.path, c.merge_lora)  # last: merging changes the model
+        session.save_trained(self.lm, self.tokenizer, c.merge_lora)  # last: merging changes the model
         self.accelerator.wait_for_everyone()
         return result
 

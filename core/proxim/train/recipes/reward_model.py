@@ -37,6 +37,7 @@ from proxim.train.figures import informative, write_figure
 from proxim.train.optimization import Optimization, parameter_groups
 from proxim.train.panels import reward_model_panels
 from proxim.train.preferences import PreferenceSet, preference_set
+from proxim.train.prompts import encode_prompts
 from proxim.train.records import Record
 from proxim.train.reporting import before_after_table, number, pct
 from proxim.train.run_folder import default_name
@@ -75,7 +76,7 @@ class RewardModelResult:
 def scores(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
     """r(prompt + response) [B]: the model's single logit at each text's last non-pad token (with grad when enabled)."""
     device = next(model.parameters()).device
-    enc = tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt", padding=True).to(device)
+    enc = tokenizer.pad({"input_ids": encode_prompts(tokenizer, [p + r for p, r in zip(prompts, responses)])}, return_tensors="pt").to(device)
     logits: Tensor = model(**enc).logits[:, 0].float()
     return logits
 
@@ -158,8 +159,7 @@ def train_reward_model(
         panels = informative(reward_model_panels(session.folder.history()))
         write_figure(session.path / "plot.png", panels, title=f"reward model on {pairs.origin}: {config.steps} steps")
     session.folder.write_summary(reward_model_table(result))
-    if session.is_main:
-        adapters.save_trained(model, tokenizer, session.path, config.merge_lora)  # last: merging changes the model
+    session.save_trained(model, tokenizer, config.merge_lora)  # last: merging changes the model
     acc.wait_for_everyone()
     return result
 

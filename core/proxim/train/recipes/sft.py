@@ -36,8 +36,8 @@ from proxim.train.prompts import RowSource
 from proxim.train.records import SUPERVISED_FIELDS, Record, read_records, render_prompts
 from proxim.train.reporting import before_after_table, number, pct
 from proxim.train.run_folder import default_name
-from proxim.train.sections import SupervisedOptimizer
 from proxim.train.session import Session
+from proxim.train.step_sections import SupervisedOptimizer
 from proxim.train.supervised import SupervisedStep, record_batches, supervised_loss
 from proxim.train.warmstart import warm_start
 
@@ -97,8 +97,7 @@ def sft(config: SFTConfig, *, resume: str | os.PathLike[str] | None = None, regi
     if session.is_main:
         write_figure(session.path / "plot.png", informative(supervised_panels(session.folder.history())), title=f"sft: {outcome.steps} steps")
     session.folder.write_summary(supervised_table(result))
-    if session.is_main:
-        adapters.save_trained(lm, tokenizer, session.path, config.merge_lora)  # last: merging changes the model
+    session.save_trained(lm, tokenizer, config.merge_lora)  # last: merging changes the model
     session.accelerator.wait_for_everyone()
     return result
 
@@ -140,7 +139,7 @@ def _held_out_examples(task: Task, eval_size: int | None) -> list[Any]:
 
 def _split(config: SFTConfig, tokenizer: Any, records: list[Record]) -> tuple[list[Record], list[Record]]:
     """(training, held-out) records, chat prompts rendered; the first `eval_size` (default 10%, at most 200) held out."""
-    records = render_prompts(records, tokenizer, config.data or "records")
+    records = render_prompts(records, tokenizer, config.data or "records", config.system_prompt)
     k = config.eval_size if config.eval_size is not None else min(200, len(records) // 10)
     if k >= len(records):
         raise ConfigurationError(f"{config.data}: {len(records)} records leave none to train on after holding out {k}; add records or lower --eval-size.")
