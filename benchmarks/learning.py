@@ -318,7 +318,7 @@ def main() -> None:
     print(text)
     if args.no_write:
         return
-    from proxim.train.figures import Panel, Series, write_figure
+    from proxim.figures import Panel, Series, write_figure
 
     trl = "trl_grpo" in results
     png = LEARNING_PNG.with_name("learning_trl.png") if trl else LEARNING_PNG

@@ -103,7 +103,7 @@ def main() -> None:
     body = (
         f"`proxim train` {'--steps 40 --warmstart-steps 0' if args.job == 'steps' else '(the README job, empty cache)'}: {unit}; "
         f"medians of {args.repeats}; busy processes spin a Python loop beside the run.\n\n"
-        f"- command: `{common.command()}`\n- machine: {common.cpu_model()}, {os.cpu_count()} CPUs\n- versions: {common.versions()}\n"
+        f"- command: `{common.command()}`\n- machine: {common.cpu_model()}\n- versions: {common.versions()}\n"
         f"- date: {time.strftime('%Y-%m-%d')}\n\n" + common.table(header, rows)
     )
     print(body)

@@ -381,23 +381,21 @@ def main() -> None:
 #: The "where the time goes" paragraph, written from the profiles above.
 WHERE = """**Where the time goes.** Both trainers spend almost all of a step in the same transformers code on the
 same model: `generate` (5 new tokens for 128 sequences), decoder forwards and the backward pass; `linear`
-alone is about a third of each profile. The differences are small and go both ways:
-- proxim computes the old log-probs in an extra no-grad forward (three scoring forwards a step: old,
-  reference, policy; 1815 against 1545 `linear` calls over the profiled steps). TRL, with one iteration
-  and one update per rollout, skips that pass and takes the detached current log-probs as the old ones
-  (the ratio is 1 by construction). That pass is about a sixth of proxim's step.
+and `run_backward` are about half of each profile. What differs:
+- the old log-probs. proxim's default (`old_logprobs = "auto"`) takes them from its generator, which
+  records each sampled token's log-prob while sampling (a logits processor; float32, top_p = 1, no rollout
+  correction, else it recomputes), so a step runs two scoring forwards (reference and policy: 1590 against
+  TRL's 1545 `linear` calls over the profiled steps). TRL, with one iteration and one update per rollout,
+  takes the detached current log-probs as the old ones (the ratio is 1 by construction), a shortcut that
+  holds only for that regime; proxim's holds for every epoch and minibatch setting. The row
+  `--old-logprobs recompute` runs the extra forward, as proxim did before `auto`: about even with TRL.
 - TRL's backward carries its own chunked lm-head log-prob function (`trl/.../chunked_logprob.py`: the
   `torch.mm`, `addmm_` and `_backward_tile` lines) and a larger loss graph; proxim's loss itself is about
-  10 ms over the profiled steps. `generate` costs the same in both (within run-to-run noise).
-Net, about even: proxim does not reach 1.5x, and cannot by doing the same work faster, since the shared
-model code is most of both profiles. The one saving visible here is the old-log-prob pass: with
-`--old-logprobs sampler` proxim takes the old log-probs that its generator records while sampling (a
-logits processor, exact up to the key-value cache's arithmetic) and skips that forward, for every
-epoch and minibatch setting (TRL's shortcut holds only for one update per rollout). It is not the
-default because under bf16 or vLLM the sampler's numbers drift from the trainer's; its row above is
-measured in the same rotation. Peak memory: TRL's process imports
-more (datasets, pyarrow, pandas) and holds its dataset and buffered generation batch; proxim's peak is
-about 0.8x TRL's."""
+  10 ms over the profiled steps. `generate` costs the same in both.
+proxim does not reach 1.5x, and cannot by doing the same work faster: the shared model code is most of
+both profiles. What is left is generation itself (a decode loop of proxim's own, or a static key-value
+cache), not built. Peak memory: TRL's process imports more (datasets, pyarrow, pandas) and holds its
+dataset and buffered generation batch; proxim's peak is about 0.8x TRL's."""
 
 
 if __name__ == "__main__":

@@ -52,32 +52,35 @@ REGIONS = (
     ("sapo", BASE, "sapo", {}),
     ("gspo", BASE, "sequence_clip", {}),
 )
-PRESETS = tuple((f"preset:{p}", p, None, {}) for p in ("grpo", "dapo", "cispo", "sapo", "dppo", "drpo", "gspo"))
-DELTAS = tuple(
-    (f"{'drpo' if mu else 'spo'}-{delta:g}", "drpo", None, {"delta": delta, "mu_weighted": mu}) for mu in (True, False) for delta in (12.5, 1.0, 0.1, 0.05)
+#: The published presets other than grpo (the clip cell) and drpo (the delta experiment's drpo-12.5), each with
+#: its own advantage, aggregation and KL, in the same off-policy regime.
+PRESETS = tuple((f"preset:{p}", p, None, {}) for p in ("cispo", "sapo", "dapo", "dppo", "gspo"))
+#: The drpo preset at each delta, and SPO (mu_weighted=False) at the reference code's delta and at 0.1.
+DELTAS = tuple((f"drpo-{delta:g}", "drpo", None, {"delta": delta, "mu_weighted": True}) for delta in (12.5, 1.0, 0.1, 0.05)) + tuple(
+    (f"spo-{delta:g}", "drpo", None, {"delta": delta, "mu_weighted": False}) for delta in (12.5, 0.1)
 )
 
 OFF_POLICY = {"epochs": 2, "minibatches": 4}
 EXPERIMENTS: dict[str, dict[str, Any]] = {
-    "offpolicy": {"cells": REGIONS + PRESETS, "train": {**OFF_POLICY, "steps": 150}},
-    "aggressive": {"cells": REGIONS, "train": {"epochs": 4, "minibatches": 4, "lr": 1e-3, "steps": 100}},
+    "offpolicy": {"cells": REGIONS + PRESETS, "train": {**OFF_POLICY, "steps": 100}},
+    "aggressive": {"cells": REGIONS, "train": {"epochs": 4, "minibatches": 4, "lr": 1e-3, "steps": 60}},
     "lampo": {
         "cells": (("grpo", "grpo", None, {}), ("lampo", "lampo", None, {}), ("grpo-pairwise", "grpo", None, {"advantage": "pairwise"})),
-        "train": {"task": "reverse", "warmstart_steps": 60, "steps": 200},
+        "train": {"task": "reverse", "warmstart_steps": 60, "steps": 150},
     },
-    "delta": {"cells": DELTAS, "train": {**OFF_POLICY, "steps": 150}},
+    "delta": {"cells": DELTAS, "train": {**OFF_POLICY, "steps": 100}},
     # Why cispo, sapo and drpo fall behind off-policy: at half the learning rate (does each update move too far?) ...
     "halflr": {
-        "cells": tuple(c for c in REGIONS + PRESETS if c[0] in ("clip", "none", "cispo", "sapo", "drpo", "preset:cispo", "preset:sapo")),
-        "train": {**OFF_POLICY, "lr": 5e-5, "steps": 150},
+        "cells": tuple(c for c in REGIONS + PRESETS if c[0] in ("clip", "cispo", "sapo", "drpo", "preset:cispo", "preset:sapo")),
+        "train": {**OFF_POLICY, "lr": 5e-5, "steps": 100},
     },
     # ... and the presets that fell, with GRPO's KL to the reference (what else their presets lack)
     "withkl": {
         "cells": tuple((f"{p}+kl", p, None, {"kl_coef": 0.04, "kl_estimator": "k3", "kl_in": "loss"}) for p in ("cispo", "sapo")),
-        "train": {**OFF_POLICY, "steps": 150},
+        "train": {**OFF_POLICY, "steps": 100},
     },
 }
-COMMON = {"eval_size": 100, "quiet": True, "tracker": "none"}
+COMMON = {"eval_size": 100, "quiet": True, "tracker": "none", "threads": "1"}
 
 
 def _summary(run_dir: Path, result: Any, cell: dict[str, Any]) -> dict[str, Any]:
@@ -222,37 +225,38 @@ def _diagnostics_table(data: dict[str, list[dict[str, Any]]]) -> list[str]:
 
 
 def _figure(data: dict[str, list[dict[str, Any]]], key: str, title: str, ylabel: str, path: Path, percent: bool = False) -> None:
-    """One line per objective: the mean over seeds of a per-step metric, with a band of one sd either side."""
+    """One line per objective: the mean over seeds of a per-step metric (moving average over 9 steps), with a band
+    of one sd over seeds either side; the legend beside the axes, so that no line hides under it."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
 
-    fig = Figure(figsize=(9, 4.6), dpi=110)
+    fig = Figure(figsize=(10.5, 4.8), dpi=110)
     ax = fig.add_subplot()
     styles = ("-", "--", "-.", ":")
+    colors = colormaps["tab10"].colors
     for i, (label, rows) in enumerate(data.items()):
         series = [r["curves"][key] for r in rows if "failed" not in r and key in r.get("curves", {})]
         if not series:
             continue
         n = min(len(s) for s in series)
-        steps, means, sds = [], [], []
-        for t in range(n):
-            values = [s[t] for s in series if s[t] is not None and math.isfinite(s[t])]
-            if values:
-                window = [v for s in series for v in s[max(0, t - 4) : t + 5] if v is not None and math.isfinite(v)]
-                steps.append(t + 1)
-                means.append(statistics.fmean(window))
-                sds.append(
-                    statistics.stdev([statistics.fmean([v for v in s[max(0, t - 4) : t + 5] if v is not None]) for s in series]) if len(series) > 1 else 0.0
-                )
-        line = ax.plot(steps, means, styles[i % len(styles)], label=f"{label} ({len(series)} seeds)", linewidth=1.6)[0]
+        smoothed = [
+            [statistics.fmean(w) if (w := [v for v in s[max(0, t - 4) : t + 5] if v is not None and math.isfinite(v)]) else math.nan for t in range(n)]
+            for s in series
+        ]
+        steps = list(range(1, n + 1))
+        means = [statistics.fmean(col) for col in zip(*smoothed)]
+        sds = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in zip(*smoothed)]
+        style = styles[(i // len(colors)) % len(styles)]  # ten colours, then the next line style
+        line = ax.plot(steps, means, style, color=colors[i % len(colors)], label=f"{label} ({len(series)} seeds)", linewidth=1.6)[0]
         ax.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], color=line.get_color(), alpha=0.12)
-    ax.set_title(title, loc="left", fontweight="bold")
+    ax.set_title(title, loc="left", fontweight="bold", fontsize=11)
     ax.set_xlabel("step (moving average over 9 steps; band: one sd over seeds)")
     ax.set_ylabel(ylabel)
     if percent:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
     ax.grid(alpha=0.3)
-    ax.legend(ncol=3, fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -267,13 +271,14 @@ def report(out: Path) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}; "
         "each run one process with one thread. Values are mean ± sd over seeds."
     ]
+    steps = {name: spec["train"]["steps"] for name, spec in EXPERIMENTS.items()}
     titles = {
-        "offpolicy": "Every region off-policy (2 passes of 4 minibatches per rollout, 150 steps, arithmetic)",
-        "aggressive": "Aggressive off-policy (lr 1e-3, 4 passes of 4 minibatches, 100 steps, arithmetic)",
-        "lampo": "LamPO's pairwise advantage against GRPO's on reverse (on-policy, 200 steps, 60-step warm start)",
-        "delta": "DRPO's delta and mu weighting (off-policy as above, 150 steps, arithmetic)",
-        "halflr": "The regions that never zero a gradient at half the learning rate (lr 5e-5, off-policy as above)",
-        "withkl": "The cispo and sapo presets with GRPO's KL to the reference (off-policy as above)",
+        "offpolicy": f"Every region off-policy (2 passes of 4 minibatches per rollout, {steps['offpolicy']} steps, arithmetic)",
+        "aggressive": f"Aggressive off-policy (lr 1e-3, 4 passes of 4 minibatches, {steps['aggressive']} steps, arithmetic)",
+        "lampo": f"LamPO's pairwise advantage against GRPO's on reverse (on-policy, {steps['lampo']} steps, 60-step warm start)",
+        "delta": f"DRPO's delta and mu weighting (off-policy as above, {steps['delta']} steps, arithmetic)",
+        "halflr": f"The regions that never zero a gradient at half the learning rate (lr 5e-5, off-policy as above, {steps['halflr']} steps)",
+        "withkl": f"The cispo and sapo presets with GRPO's KL to the reference (off-policy as above, {steps['withkl']} steps)",
     }
     for experiment, title in titles.items():
         data = _load(out, experiment)
@@ -284,13 +289,18 @@ def report(out: Path) -> str:
         if experiment != "lampo":
             sections += ["What the region did to the tokens' gradients (mean over every update of every step):", "", *_diagnostics_table(data), ""]
         figure = FIGURES / f"{experiment}.png"
-        _figure(data, "reward/accuracy", f"{title}: training accuracy", "accuracy of the sampled responses", figure, percent=True)
+        _figure(data, "reward/accuracy", f"{experiment}: training accuracy", "accuracy of the sampled responses", figure, percent=True)
         sections += [f"![{experiment}](figures/experiments/{experiment}.png)", ""]
         if experiment == "offpolicy":
             _figure(
-                data, "gradient/zero_fraction", "Tokens whose gradient is zero", "fraction of tokens with A != 0", FIGURES / "zero_gradient.png", percent=True
+                data,
+                "gradient/zero_fraction",
+                "offpolicy: tokens whose gradient is zero",
+                "share of the tokens with A != 0",
+                FIGURES / "zero_gradient.png",
+                percent=True,
             )
-            _figure(data, "region/approx_kl", "KL to the old policy per update", "nats / token", FIGURES / "kl_old.png")
+            _figure(data, "region/approx_kl", "offpolicy: KL to the old policy per update", "nats / token", FIGURES / "kl_old.png")
             sections += ["![zero gradient](figures/experiments/zero_gradient.png)", "", "![KL to old](figures/experiments/kl_old.png)", ""]
     return "\n".join(sections)
 

@@ -99,7 +99,7 @@ def write(curves: Sequence[Curves], output: Path) -> list[Path]:
     (output / "explain.json").write_text(json.dumps(summary, indent=1))
     written = [output / "explain.csv", output / "explain.json"]
     try:
-        from proxim.train.figures import Panel, Series, write_figure
+        from proxim.figures import Panel, Series, write_figure
     except ImportError:
         return written
     for c in curves:

@@ -187,7 +187,7 @@ class Loader:
                 getattr(pm.hook, hook_name)(register=register)
             except PluginError:
                 raise  # from register(...): its traceback points at the plugin's own line
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 raise PluginError(
                     f"{info.describe()}: its hook {hook_name} raised {type(exc).__name__}: {exc}. {advice(info, 'Fix or uninstall that distribution')}"
                 ) from exc

@@ -230,7 +230,7 @@ def _given(plugin: object) -> Callable[[], object]:
 def _import(ep: EntryPoint, info: PartInfo) -> object:
     try:
         return ep.load()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that calls sys.exit() on import is broken too, not the end of proxim
         raise PluginError(
             f"plugin {ep.name!r} (entry point {ep.name} = {ep.value!r} in group {GROUP!r}, distribution {info.distribution} "
             f"{info.version}) failed to import: {type(exc).__name__}: {exc}. {advice(info, 'Fix or uninstall that distribution')}"

@@ -54,6 +54,9 @@ class Fault(NamedTuple):
 
 FAULTS = {
     "import_error": Fault("import not_a_module_anywhere\n", ("region", "lost_region"), False, "failed to import: ModuleNotFoundError"),
+    "exits_on_import": Fault(
+        "import sys\nsys.exit('no licence file found')\n", ("region", "exiting_region"), False, "failed to import: SystemExit: no licence file found"
+    ),
     "misspelt_hook": Fault(
         region("typo_region") + "\n@proxim.hookimpl\ndef proxim_register_regoins(register):\n    register(Good)\n",
         ("region", "typo_region"),

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from proxim.train.figures import DPI, Panel, Series, build_figure, figure_pixels, informative, smoothing_window, write_figure
+from proxim.figures import DPI, Panel, Series, build_figure, figure_pixels, informative, smoothing_window, write_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAN, INF = float("nan"), float("inf")
@@ -254,7 +254,7 @@ def test_compare_figure_has_one_legend_entry_per_run() -> None:
 def test_importing_is_light_and_drawing_does_not_use_pyplot(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "import proxim.train.figures as f\n"
+        "import proxim.figures as f\n"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'\n"
         f"f.write_figure({str(tmp_path / 'plot.png')!r}, [f.Panel('r', 'reward', [f.Series('mean', [(1, 0.5), (2, 0.6)])])], title='run')\n"
         "assert 'matplotlib' in sys.modules\n"

@@ -194,6 +194,17 @@ def test_fsdp_version_1_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         check_supported(acc)
 
 
+def test_vllm_with_sharded_training_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """vLLM's weight reload takes whole tensors and the pair has never run: refused before anything is built."""
+    from proxim.errors import ConfigurationError
+    from proxim.train import TrainConfig, sharding, train
+
+    monkeypatch.setattr(sharding, "is_sharded", lambda accelerator: True)
+    with pytest.raises(ConfigurationError, match=r"generator='vllm' with sharded training .*--generator hf"):
+        train(TrainConfig(generator="vllm", steps=1, warmstart_steps=0, output_dir=str(tmp_path), quiet=True, tracker="none"))
+    assert list(tmp_path.iterdir()) == []  # no run folder was made
+
+
 if __name__ == "__main__":  # the driver, under accelerate launch: python -m accelerate.commands.launch ... test_fsdp.py OUT RUN...
     from proxim.train.distributed import leave_process_group
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,7 +114,17 @@ def test_sampler_old_logprobs_refuse_a_nucleus(tiny_config) -> None:
 def test_auto_old_logprobs_take_the_sampler_only_where_it_is_the_forward(tiny_config, settings, precision, expected) -> None:
     config = tiny_config(**settings)
     objective = proxim.objective("grpo", **config.set)
-    source, reason = config.old_logprobs_source(objective, precision)
+    generator = SimpleNamespace(name=config.generator, forward_logprobs=config.generator == "hf")  # as the two built-ins declare
+    source, reason = config.old_logprobs_source(objective, precision, generator)
     assert source == expected, reason
     if config.old_logprobs == "auto" and expected == "recompute":
         assert reason.startswith("auto: ") and len(reason) > len("auto: ")
+
+
+def test_only_the_hf_generator_declares_forward_logprobs() -> None:
+    """vLLM's kernels are not the trainer's: its records are never taken as old log-probs by ``auto``."""
+    from proxim.train.hf_generator import HFGenerator
+    from proxim.train.vllm_generator import VLLMGenerator
+
+    assert HFGenerator.forward_logprobs is True
+    assert VLLMGenerator.forward_logprobs is False

@@ -62,6 +62,7 @@ from proxim.train.step_sections import (
 
 if TYPE_CHECKING:
     import proxim
+    from proxim.train.generation import Generator
 
 # -- the recipes' configurations -------------------------------------------------------------------
 
@@ -233,19 +234,19 @@ class TrainConfig(Preset, Parts, RunName, OnlineSettings):
         check_available(self.generator)
         return obj
 
-    def old_logprobs_source(self, objective: proxim.Objective, mixed_precision: str) -> tuple[str, str]:
+    def old_logprobs_source(self, objective: proxim.Objective, mixed_precision: str, generator: Generator) -> tuple[str, str]:
         """Where a run's old log-probs come from, ``sampler`` or ``recompute``, and why.
 
-        ``auto`` takes the generator's record where it is the policy's own log-prob up to float rounding (the
-        hf generator's incremental decoding against one full forward: within 1e-5 in float32), and
-        recomputes where it is not: another engine's kernels, a nucleus, reduced precision, or a rollout
-        correction, which weighs exactly that difference."""
+        ``auto`` takes the generator's record where it is the policy's own log-prob up to float rounding (a
+        generator whose ``forward_logprobs`` says so, such as the hf generator's incremental decoding
+        against one full forward: within 1e-5 in float32), and recomputes where it is not: another engine's
+        kernels, a nucleus, reduced precision, or a rollout correction, which weighs exactly that difference."""
         if self.old_logprobs != "auto":
             return self.old_logprobs, "old_logprobs setting"
         blockers = [
             why
             for blocked, why in (
-                (self.generator != "hf", f"the {self.generator} generator's kernels are not the trainer's"),
+                (not getattr(generator, "forward_logprobs", False), f"the {generator.name} generator's kernels are not the trainer's"),
                 (self.top_p < 1.0, f"top_p={self.top_p} renormalises the sampler's log-probs"),
                 (mixed_precision != "no", f"{mixed_precision} sampling is not the scoring forward"),
                 (objective.options.rollout_correction != "none", "the rollout correction weighs sampler against trainer"),
@@ -254,7 +255,7 @@ class TrainConfig(Preset, Parts, RunName, OnlineSettings):
         ]
         if blockers:
             return "recompute", "auto: " + "; ".join(blockers)
-        return "sampler", "auto: the hf generator's own, float32, top_p=1"
+        return "sampler", f"auto: the {generator.name} generator's own, float32, top_p=1"
 
     def _check_rewards(self) -> None:
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):

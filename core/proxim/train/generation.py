@@ -60,9 +60,15 @@ class Generation:
 
 
 class Generator(Protocol):
-    """The interface every generator implements."""
+    """The interface every generator implements.
+
+    ``forward_logprobs``: whether the log-probs it records while sampling are the trainer's own forward's up
+    to float rounding (the same model and kernels, incremental decoding against one full forward), so that
+    ``old_logprobs = "auto"`` may take them instead of recomputing (a generator without the attribute is
+    taken not to, and the old log-probs are recomputed)."""
 
     name: str
+    forward_logprobs: bool
 
     def generate(
         self,

@@ -1,13 +1,13 @@
 """What each kind of run plots: its panels, from the metric names every run logs (docs/train.md lists them).
 
-`informative` (in `proxim.train.figures`) then drops the diagnostics that stayed at zero for the whole run.
+`informative` (in `proxim.figures`) then drops the diagnostics that stayed at zero for the whole run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from proxim.train.figures import Panel, Series, Style
+from proxim.figures import Panel, Series, Style
 from proxim.train.results import EvalResult
 
 History = Sequence[Mapping[str, float]]

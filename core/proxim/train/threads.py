@@ -2,16 +2,16 @@
 
 ``auto`` (the default) gives each process the cores that nothing else is using when the run starts,
 shared among the processes of one launch on this machine, and at least one. Measured on a 2-core machine
-(`docs/benchmarks.md`, section "Threads"): on an idle machine two threads train the tiny default model
-1.6x faster than one; beside two busy processes two threads are 2.2x *slower* than one, because torch's
-OpenMP threads wait for each other at every operation while the neighbours hold the cores. The count is
-decided once, at the start (an environment's ``OMP_NUM_THREADS`` wins over the measurement): torch's
-results depend on the thread count in their last bits, so a run keeps one count throughout, and a resumed
-run takes its checkpoint's (`Session.restore`), so that it continues bit for bit.
+(`docs/benchmarks.md`, section "Threads"): on an idle machine two threads run the tiny default model's RL
+steps 1.55x faster than one; beside two busy processes two threads are 9% slower than one, because
+torch's OpenMP threads wait for each other at every operation while the neighbours hold the cores. The
+count is decided once, at the start (an environment's ``OMP_NUM_THREADS`` wins over the measurement):
+torch's results depend on the thread count in their last bits, so a run keeps one count throughout, and
+a resumed run takes its checkpoint's (`Session.restore`), so that it continues bit for bit.
 
-OpenMP's wait policy is left as it is: ``OMP_WAIT_POLICY=PASSIVE`` was slower both idle (0.81x) and beside
-busy processes (0.90x of one thread). Inter-op threads are left to torch: a training step runs no
-inter-op parallel work.
+OpenMP's wait policy is left as it is: ``OMP_WAIT_POLICY=PASSIVE`` with two threads was slower than the
+default both idle (0.72x) and beside busy processes (0.93x of one thread). Inter-op threads are left to
+torch: a training step runs no inter-op parallel work.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from proxim.figures import Panel, Series, informative, write_figure
 from proxim.train.config import CompareConfig, TrainConfig
-from proxim.train.figures import Panel, Series, informative, write_figure
 from proxim.train.results import RunResult
 
 

@@ -32,12 +32,12 @@ import torch
 import proxim
 from proxim.diagnostics import GradientDiagnostics, combine_gradient_diagnostics
 from proxim.errors import ConfigurationError, TrainingError
+from proxim.figures import informative, write_figure
 from proxim.ops import kl_estimate, masked_mean, masked_sum
 from proxim.train import adapters, distributed, models, sharding
 from proxim.train.config import TrainConfig
 from proxim.train.critic import build_critic, response_values
 from proxim.train.evaluation import evaluate_prompts
-from proxim.train.figures import informative, write_figure
 from proxim.train.generation import Generation, GeneratorContext, make_generator, put_to_sleep
 from proxim.train.logprobs import PolicyScorer, response_logprobs
 from proxim.train.loop import step_seed
@@ -81,6 +81,12 @@ class Trainer:
             raise ConfigurationError(f"rewards are given twice: config.rewards={config.rewards} and rewards={list(rewards)}; give one of them.")
         self.session = session = Session(c, resume)
         self.accelerator, self.rank, self.world = acc, rank, world = session.accelerator, session.rank, session.world
+        if c.generator == "vllm" and (session.sharded or acc.distributed_type.value == "DEEPSPEED"):
+            raise ConfigurationError(
+                "generator='vllm' with sharded training (FSDP or DeepSpeed) is not supported: the engine's weight reload "
+                "takes whole tensors, and this combination has never run. Use --generator hf with FSDP/DeepSpeed, or vLLM "
+                "with data-parallel training (examples/accelerate/ddp.yaml)."
+            )
         self.registry = registry or proxim.default_registry()
         checked = config.check(self.registry, world, custom_rewards=bool(rewards), custom_prompts=prompts is not None)
         self.objective: proxim.Objective = objective if objective is not None else checked
@@ -116,7 +122,7 @@ class Trainer:
                 self.lm, self.init_dir, self.tokenizer, self.eos_ids, c.seed + rank, c.generation_batch_size, c.vllm_gpu_memory_utilization, c.vllm_sleep_mode
             )
             self.generator = make_generator(c.generator, context)
-            self.old_source, self.old_source_reason = c.old_logprobs_source(self.objective, acc.mixed_precision)
+            self.old_source, self.old_source_reason = c.old_logprobs_source(self.objective, acc.mixed_precision, self.generator)
             # -- where the run starts: step 0, or the latest checkpoint --------------------------------
             if resume is not None:
                 state = session.restore(self.trained_models(), self.optimization, self.fingerprint, updates=c.steps * self.updates_per_step)

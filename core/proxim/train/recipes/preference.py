@@ -29,10 +29,10 @@ import torch
 
 import proxim
 from proxim.errors import ConfigurationError
+from proxim.figures import informative, write_figure
 from proxim.train import adapters, distributed, models, sharding
 from proxim.train.config import PreferenceConfig
 from proxim.train.evaluation import evaluate_prompts
-from proxim.train.figures import informative, write_figure
 from proxim.train.generation import GeneratorContext, make_generator
 from proxim.train.logprobs import PolicyScorer
 from proxim.train.optimization import Optimization, parameter_groups

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import proxim
+from proxim.figures import informative, write_figure
 from proxim.tasks import Task
 from proxim.train import adapters, distributed, models
 from proxim.train.config import RewardModelConfig
-from proxim.train.figures import informative, write_figure
 from proxim.train.optimization import Optimization, parameter_groups
 from proxim.train.panels import reward_model_panels
 from proxim.train.preferences import PreferenceSet, preference_set

@@ -24,11 +24,11 @@ import attrs
 
 import proxim
 from proxim.errors import ConfigurationError
+from proxim.figures import informative, write_figure
 from proxim.tasks import Task
 from proxim.train import adapters, distributed, models
 from proxim.train.config import SFTConfig
 from proxim.train.evaluation import task_accuracy
-from proxim.train.figures import informative, write_figure
 from proxim.train.loop import Outcome
 from proxim.train.optimization import Optimization, parameter_groups
 from proxim.train.panels import supervised_panels

@@ -1,6 +1,6 @@
 """Run figures as PNG files, drawn with matplotlib: one subplot per `Panel`, one line per `Series`.
 
-    from proxim.train.figures import Panel, Series, informative, write_figure
+    from proxim.figures import Panel, Series, informative, write_figure
 
     panels = [
         Panel("reward", "mean reward", [Series("reward/mean", points)]),
