@@ -7,13 +7,14 @@ run a real ``proxim.train.train`` in its own process with one thread. Experiment
                 and the published presets, 2 passes of 4 minibatches per rollout (8 updates, 7 off-policy):
                 accuracy and what each region does to the gradient (zero, reversed, mean weight)
     aggressive  the same regions at 10x the learning rate and 4 passes of 4 minibatches: which hold
+    aggressive3x  the same at 3x the learning rate
     lampo       LamPO's pairwise advantage against GRPO's group z-score on ``reverse`` (graded rewards; a 60-step
                 warm start, which leaves the model at a mean reward of about 0.28: the default one solves it)
     delta       DRPO's delta (12.5, 1, 0.1, 0.05), DRPO (mu-weighted) and SPO (mu_weighted=False), off-policy
     halflr      clip and the regions that never zero a gradient, off-policy at half the learning rate
     withkl      the cispo and sapo presets with GRPO's KL to the reference (k3, 0.04, in the loss)
 
-    python benchmarks/trust_regions.py run offpolicy aggressive lampo delta --seeds 0 1 2 --workers 2
+    python benchmarks/trust_regions.py run offpolicy delta aggressive aggressive3x lampo withkl halflr --seeds 0 1 2 --workers 2
     python benchmarks/trust_regions.py report          # writes docs/experiments.md's tables and figures
 
 Runs are kept in ``--out`` (default ``runs/experiments``), one JSON summary each; ``run`` skips a cell whose
@@ -64,6 +65,8 @@ OFF_POLICY = {"epochs": 2, "minibatches": 4}
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "offpolicy": {"cells": REGIONS + PRESETS, "train": {**OFF_POLICY, "steps": 100}},
     "aggressive": {"cells": REGIONS, "train": {"epochs": 4, "minibatches": 4, "lr": 1e-3, "steps": 60}},
+    # lr 1e-3 sank every region; at 3x the default learning rate the regions part ways
+    "aggressive3x": {"cells": REGIONS, "train": {"epochs": 4, "minibatches": 4, "lr": 3e-4, "steps": 60}},
     "lampo": {
         "cells": (("grpo", "grpo", None, {}), ("lampo", "lampo", None, {}), ("grpo-pairwise", "grpo", None, {"advantage": "pairwise"})),
         "train": {"task": "reverse", "warmstart_steps": 60, "steps": 150},
@@ -77,6 +80,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     # ... and the presets that fell, with GRPO's KL to the reference (what else their presets lack)
     "withkl": {
         "cells": tuple((f"{p}+kl", p, None, {"kl_coef": 0.04, "kl_estimator": "k3", "kl_in": "loss"}) for p in ("cispo", "sapo")),
+        "reference": {f"{p}+kl": ("offpolicy", f"preset:{p}") for p in ("cispo", "sapo")},
         "train": {**OFF_POLICY, "steps": 100},
     },
 }
@@ -192,18 +196,45 @@ def _mean_of(rows: Sequence[dict[str, Any]], key: str) -> list[float | None]:
     return [r.get("mean", {}).get(key) if "failed" not in r else None for r in rows]
 
 
-def _accuracy_table(data: dict[str, list[dict[str, Any]]]) -> list[str]:
+def _after(row: dict[str, Any]) -> float | None:
+    return None if "failed" in row else row.get("accuracy_after")
+
+
+def _paired(rows: Sequence[dict[str, Any]], against: Sequence[dict[str, Any]]) -> list[float | None]:
+    """Each seed's accuracy after training less that of `against` for the same seed (the same warm start and
+    prompts): the seed's starting point cancels, which the plain means over seeds cannot do."""
+    base = {r["seed"]: _after(r) for r in against}
+    return [a - b if (a := _after(r)) is not None and (b := base.get(r["seed"])) is not None else None for r in rows]
+
+
+def _accuracy_table(data: dict[str, list[dict[str, Any]]], reference: dict[str, tuple[str, list[dict[str, Any]]]]) -> list[str]:
+    """Accuracy before and after per objective; `reference` maps a label to (its name, the runs it is paired with)."""
     lines = [
-        "| objective | accuracy before | accuracy after | change | held-out reward after | runs that stopped |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| objective | accuracy before | accuracy after | change | after, less the reference's (same seed) | held-out reward after | runs that stopped |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, rows in data.items():
-        change = [(r["accuracy_after"] - r["accuracy_before"]) if "failed" not in r and r.get("accuracy_after") is not None else None for r in rows]
+        change = [(a - r["accuracy_before"]) if (a := _after(r)) is not None else None for r in rows]
+        name, against = reference.get(label, ("", []))
+        paired = "(the reference)" if name == label else (f"{_stat(_paired(rows, against), True)} vs {name}" if against else "–")
         lines.append(
-            f"| {label} | {_stat([r.get('accuracy_before') for r in rows], True)} | {_stat([r.get('accuracy_after') for r in rows], True)} | "
-            f"{_stat(change, True)} | {_stat([r.get('reward_after') for r in rows])} | {sum('failed' in r for r in rows)} of {len(rows)} |"
+            f"| {label} | {_stat([r.get('accuracy_before') for r in rows], True)} | {_stat([_after(r) for r in rows], True)} | "
+            f"{_stat(change, True)} | {paired} | {_stat([r.get('reward_after') for r in rows])} | {sum('failed' in r for r in rows)} of {len(rows)} |"
         )
     return lines
+
+
+def _references(out: Path, experiment: str, data: dict[str, list[dict[str, Any]]]) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """What each cell is paired with: the experiment's first cell, or the cell named in its ``reference`` mapping
+    (``label -> (experiment, label)``, for a cell whose counterpart ran in another experiment)."""
+    first = next(iter(data))
+    mapping = EXPERIMENTS[experiment].get("reference", {})
+    pairs = {}
+    for label in data:
+        other_experiment, other = mapping.get(label, (experiment, first))
+        rows = data.get(other, []) if other_experiment == experiment else _load(out, other_experiment).get(other, [])
+        pairs[label] = (other if other_experiment == experiment else f"{other} ({other_experiment})", rows)
+    return pairs
 
 
 DIAGNOSTIC_COLUMNS = (
@@ -224,9 +255,20 @@ def _diagnostics_table(data: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
-def _figure(data: dict[str, list[dict[str, Any]]], key: str, title: str, ylabel: str, path: Path, percent: bool = False) -> None:
+def _figure(
+    data: dict[str, list[dict[str, Any]]],
+    key: str,
+    title: str,
+    ylabel: str,
+    path: Path,
+    percent: bool = False,
+    against: tuple[str, list[dict[str, Any]]] | None = None,
+) -> None:
     """One line per objective: the mean over seeds of a per-step metric (moving average over 9 steps), with a band
-    of one sd over seeds either side; the legend beside the axes, so that no line hides under it."""
+    of one sd over seeds either side; the legend beside the axes, so that no line hides under it.
+
+    against: (name, runs): plot each seed's curve less that of the same seed's run here, so that the seeds'
+    different starting points (their warm starts) leave the band and only the difference between objectives stays."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import PercentFormatter
@@ -237,6 +279,15 @@ def _figure(data: dict[str, list[dict[str, Any]]], key: str, title: str, ylabel:
     colors = colormaps["tab10"].colors
     for i, (label, rows) in enumerate(data.items()):
         series = [r["curves"][key] for r in rows if "failed" not in r and key in r.get("curves", {})]
+        if against is not None:
+            if label == against[0]:
+                continue
+            base = {r["seed"]: r["curves"][key] for r in against[1] if "failed" not in r}
+            series = [
+                [a - b if a is not None and b is not None else None for a, b in zip(r["curves"][key], base[r["seed"]])]
+                for r in rows
+                if "failed" not in r and r["seed"] in base
+            ]
         if not series:
             continue
         n = min(len(s) for s in series)
@@ -250,6 +301,8 @@ def _figure(data: dict[str, list[dict[str, Any]]], key: str, title: str, ylabel:
         style = styles[(i // len(colors)) % len(styles)]  # ten colours, then the next line style
         line = ax.plot(steps, means, style, color=colors[i % len(colors)], label=f"{label} ({len(series)} seeds)", linewidth=1.6)[0]
         ax.fill_between(steps, [m - s for m, s in zip(means, sds)], [m + s for m, s in zip(means, sds)], color=line.get_color(), alpha=0.12)
+    if against is not None:
+        ax.axhline(0.0, color="black", linewidth=1.0, label=f"{against[0]} (the reference)")
     ax.set_title(title, loc="left", fontweight="bold", fontsize=11)
     ax.set_xlabel("step (moving average over 9 steps; band: one sd over seeds)")
     ax.set_ylabel(ylabel)
@@ -275,6 +328,7 @@ def report(out: Path) -> str:
     titles = {
         "offpolicy": f"Every region off-policy (2 passes of 4 minibatches per rollout, {steps['offpolicy']} steps, arithmetic)",
         "aggressive": f"Aggressive off-policy (lr 1e-3, 4 passes of 4 minibatches, {steps['aggressive']} steps, arithmetic)",
+        "aggressive3x": f"Aggressive off-policy at 3x the learning rate (lr 3e-4, 4 passes of 4 minibatches, {steps['aggressive3x']} steps, arithmetic)",
         "lampo": f"LamPO's pairwise advantage against GRPO's on reverse (on-policy, {steps['lampo']} steps, 60-step warm start)",
         "delta": f"DRPO's delta and mu weighting (off-policy as above, {steps['delta']} steps, arithmetic)",
         "halflr": f"The regions that never zero a gradient at half the learning rate (lr 5e-5, off-policy as above, {steps['halflr']} steps)",
@@ -285,11 +339,29 @@ def report(out: Path) -> str:
         if not data:
             continue
         seeds = sorted({r["seed"] for rows in data.values() for r in rows})
-        sections += [f"### {title}", "", f"Seeds: {', '.join(map(str, seeds))}.", "", *_accuracy_table(data), ""]
+        sections += [f"### {title}", "", f"Seeds: {', '.join(map(str, seeds))}.", "", *_accuracy_table(data, _references(out, experiment, data)), ""]
         if experiment != "lampo":
             sections += ["What the region did to the tokens' gradients (mean over every update of every step):", "", *_diagnostics_table(data), ""]
         figure = FIGURES / f"{experiment}.png"
-        _figure(data, "reward/accuracy", f"{experiment}: training accuracy", "accuracy of the sampled responses", figure, percent=True)
+        pairs = _references(out, experiment, data)
+        first = next(iter(data))
+        if all(name == first for name, _ in pairs.values()):  # one reference for every cell: plot the differences from it
+            if experiment == "lampo":  # graded rewards: the mean reward, not exact-match accuracy, is what moves
+                _figure(
+                    data,
+                    "reward/mean",
+                    f"{experiment}: training reward, less {first}'s (same seed)",
+                    "difference in mean reward",
+                    figure,
+                    against=(first, data[first]),
+                )
+            else:
+                _figure(
+                    data, "reward/accuracy", f"{experiment}: training accuracy, less {first}'s (same seed)", "difference in accuracy (points)", figure,
+                    percent=True, against=(first, data[first]),
+                )  # fmt: skip
+        else:
+            _figure(data, "reward/accuracy", f"{experiment}: training accuracy", "accuracy of the sampled responses", figure, percent=True)
         sections += [f"![{experiment}](figures/experiments/{experiment}.png)", ""]
         if experiment == "offpolicy":
             _figure(
