@@ -27,8 +27,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +34,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as common
+
 ROOT = Path(__file__).resolve().parent.parent
+
 FIGURES = ROOT / "docs" / "figures" / "experiments"
 
 #: The GRPO objective every region is put on (region swapped, everything else the preset's).
@@ -321,7 +324,7 @@ def report(out: Path) -> str:
     import transformers
 
     sections = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"Machine: {common.cpu_model()}; torch {torch.__version__}, transformers {transformers.__version__}; "
         "each run one process with one thread. Values are mean ± sd over seeds."
     ]
     steps = {name: spec["train"]["steps"] for name, spec in EXPERIMENTS.items()}

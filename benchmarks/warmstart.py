@@ -4,8 +4,8 @@ The "before" accuracy of the README job is the held-out accuracy of the warm-sta
 steps, computed on the user's machine, not shipped. This runs ``python -m proxim train --steps 1`` in a child
 process for each seed and torch thread count, each from an empty cache, and reads the warm start's time
 and the "before" accuracy (200 held-out prompts, greedy) from its output; then the first cell again with
-its cache kept, to time a cached start. A thread count changes the last bits of torch's sums, as another
-machine or torch build does, so the thread rows show how much a bit-level difference moves the result.
+its cache kept, to time a cached start. A thread count may change the last bits of torch's sums, as another
+machine or torch build does; the thread columns show whether that moves the result.
 
     python benchmarks/warmstart.py                     # seeds 0-4, 1 and 2 threads
     python benchmarks/warmstart.py --seeds 0 1 --threads 2 --no-write

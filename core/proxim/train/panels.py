@@ -21,7 +21,9 @@ def series(history: History, key: str, label: str | None = None, style: Style = 
 def online_panels(history: History, before: EvalResult | None = None, after: EvalResult | None = None) -> list[Panel]:
     """The panels of an online run's plot (diagnostics that stay at zero are dropped by `informative`)."""
 
-    parts = sorted({k for h in history for k in h if k.startswith("reward/")} - {"reward/mean", "reward/std", "reward/accuracy"})
+    parts = sorted(
+        {k for h in history for k in h if k.startswith("reward/")} - {"reward/mean", "reward/std", "reward/accuracy", "reward/failed"}
+    )  # failed: a count of skipped steps, not a reward
     rewards = [series(history, "reward/mean", "mean (train)"), *(series(history, k) for k in parts if len(parts) > 1)]
     held_out: list[tuple[float, float]] = [(0.0, before.accuracy)] if before is not None and before.accuracy is not None else []
     held_out += [(history[-1]["step"], after.accuracy)] if history and after is not None and after.accuracy is not None else []
