@@ -231,6 +231,23 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def proxim_train(flags: Sequence[str], env: Mapping[str, str], output_dir: Path) -> tuple[str, float]:
+    """Run ``python -m proxim train FLAGS`` in a child process with `env` (over this one's, less its
+    OpenMP settings), no tracker, writing into `output_dir`; returns (its stdout and stderr, whole seconds).
+    A failed run ends the benchmark with the run's last output."""
+    child = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    child.update(env, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "proxim", "train", *flags, "--output-dir", str(output_dir), "--tracker", "none"], env=child, capture_output=True, text=True
+    )
+    whole = time.perf_counter() - start
+    text = out.stdout + out.stderr
+    if out.returncode != 0:
+        raise SystemExit(f"proxim train failed:\n{text[-3000:]}")
+    return text, whole
+
+
 def write_section(key: str, title: str, body: str) -> None:
     """Replace (or append) the section between this key's markers in docs/benchmarks.md."""
     start, end = f"<!-- benchmark:{key}:start -->", f"<!-- benchmark:{key}:end -->"

@@ -18,7 +18,6 @@ empty cache (warm start included), whole process.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
@@ -44,19 +43,7 @@ SPIN = "while True: pass"
 def _cell(job: str, env_extra: dict[str, str], flags: list[str]) -> tuple[float, str]:
     """Run one cell; returns (its figure: RL steps/s for `steps`, whole seconds for `readme`, and the thread line)."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-        env.update(env_extra, PROXIM_CACHE_DIR=str(Path(tmp) / "cache"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        start = time.perf_counter()
-        out = subprocess.run(
-            [sys.executable, "-m", "proxim", "train", *JOBS[job], *flags, "--output-dir", str(Path(tmp) / "runs"), "--tracker", "none"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        whole = time.perf_counter() - start
-    text = out.stdout + out.stderr
-    if out.returncode != 0:
-        raise SystemExit(f"proxim train failed:\n{text[-3000:]}")
+        text, whole = common.proxim_train([*JOBS[job], *flags], {**env_extra, "PROXIM_CACHE_DIR": str(Path(tmp) / "cache")}, Path(tmp) / "runs")
     chosen = re.search(r"torch threads: (\d+)", text)
     rate = re.search(r"([\d.]+) steps/s", text)
     if rate is None:

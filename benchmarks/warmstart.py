@@ -14,10 +14,8 @@ machine or torch build does; the thread columns show whether that moves the resu
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,15 +28,8 @@ import _common as common
 
 def _run(seed: int, threads: int, cache: Path, runs: Path) -> tuple[float, float, float, str]:
     """One ``proxim train --steps 1``; returns (before accuracy, warm start seconds, whole seconds, how it started)."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env.update(PROXIM_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "proxim", "train", "--steps", "1", "--seed", str(seed), "--threads", str(threads)]
-    start = time.perf_counter()
-    out = subprocess.run([*command, "--output-dir", str(runs), "--tracker", "none"], env=env, capture_output=True, text=True)
-    whole = time.perf_counter() - start
-    text = out.stdout + out.stderr
-    if out.returncode != 0:
-        raise SystemExit(f"proxim train failed:\n{text[-3000:]}")
+    flags = ["--steps", "1", "--seed", str(seed), "--threads", str(threads)]
+    text, whole = common.proxim_train(flags, {"PROXIM_CACHE_DIR": str(cache)}, runs)
     accuracy = re.search(r"\| accuracy \| ([\d.]+)% \|", text)
     warm = re.search(r"warm start: .*?(trained in (\d+) s|loaded from the cache)", text)
     if accuracy is None or warm is None:
