@@ -260,3 +260,32 @@ def test_an_error_in_a_later_step_checkpoints_the_steps_done(tiny_config, capfd:
     run = Path(config.output_dir) / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000002"  # steps 1 and 2 kept, though save_every=0
     assert "the run failed in step 3; its 2 completed steps are checkpointed in" in capfd.readouterr().err
+
+
+class _Saver:
+    """A stand-in for a transformers model or tokenizer: save_pretrained writes one file, or fails as a full disk does."""
+
+    def __init__(self, name: str, text: str, fail: bool = False) -> None:
+        self.name, self.text, self.fail = name, text, fail
+
+    def save_pretrained(self, directory: str, **_: object) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        (Path(directory) / self.name).write_text(self.text)
+
+
+def test_a_model_folder_is_replaced_whole_or_kept(tmp_path: Path) -> None:
+    """model/ is written beside its place and renamed in: a failed write names the folder and keeps the old one."""
+    from proxim.errors import TrainingError
+    from proxim.train.models import save_model_dir
+
+    target = tmp_path / "run" / "model"
+    save_model_dir(_Saver("model.safetensors", "v1"), _Saver("tokenizer.json", "t1"), target)
+    (target / "stale.txt").write_text("from an earlier save")
+    save_model_dir(_Saver("model.safetensors", "v2"), _Saver("tokenizer.json", "t2"), target)
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "tokenizer.json"]  # replaced whole
+    assert (target / "model.safetensors").read_text() == "v2"
+    with pytest.raises(TrainingError, match=r"could not write the model folder .*run/model: No space left on device"):
+        save_model_dir(_Saver("model.safetensors", "v3"), _Saver("tokenizer.json", "t3", fail=True), target)
+    assert (target / "model.safetensors").read_text() == "v2"  # the previous folder, untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model"]  # no temporary folder left

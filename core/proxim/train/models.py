@@ -180,9 +180,33 @@ def load_weights(module: torch.nn.Module, directory: str | os.PathLike[str]) -> 
 
 
 def save_model_dir(model: Any, tokenizer: Any, directory: str | os.PathLike[str]) -> None:
-    """Write `model` (safetensors) and `tokenizer` into `directory`: a folder `from_pretrained` loads."""
-    model.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
+    """Write `model` (safetensors) and `tokenizer` into `directory`: a folder `from_pretrained` loads.
+
+    The folder is written beside its place and renamed into it, so a reader (or a run that is killed while
+    writing) sees the previous folder or the new one whole, never a part. A failed write (a full disk, no
+    permission) raises `TrainingError` naming the folder, and leaves the previous one as it was."""
+    import shutil
+
+    from proxim.errors import TrainingError
+
+    target = Path(directory)
+    tmp, old = target.with_name(f".{target.name}.tmp-{os.getpid()}"), target.with_name(f".{target.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        raise TrainingError(
+            f"could not write the model folder {target}: {exc.strerror or exc}; free space on that disk or choose another --output-dir."
+        ) from exc
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def eos_ids(tokenizer: Any, model: Any) -> list[int]:
