@@ -254,7 +254,7 @@ def trl_child(spec: dict[str, Any]) -> None:
             group_size=defaults.group_size,
             prompts_per_step=defaults.prompts_per_step,
             steps=spec["steps"],
-            max_new_tokens=defaults.resolved_max_new_tokens(task),
+            max_new_tokens=defaults.max_new_tokens_for(task),
             lr=defaults.lr,
             beta=grpo.options.kl_coef,
             temperature=defaults.temperature,
