@@ -65,10 +65,14 @@ class Generator(Protocol):
     ``forward_logprobs``: whether the log-probs it records while sampling are the trainer's own forward's up
     to float rounding (the same model and kernels, incremental decoding against one full forward), so that
     ``old_logprobs = "auto"`` may take them instead of recomputing (a generator without the attribute is
-    taken not to, and the old log-probs are recomputed)."""
+    taken not to, and the old log-probs are recomputed).
+
+    ``split_parameters``: whether it can take its weights from a policy whose parameters are split over
+    the processes (FSDP, DeepSpeed); a run that splits them refuses a generator that cannot, at the start."""
 
     name: str
     forward_logprobs: bool
+    split_parameters: bool
 
     def generate(
         self,
@@ -131,11 +135,16 @@ def check_available(name: str) -> None:
         raise ConfigurationError(f"generator={name!r} but {needed[0]} is not installed ({needed[1]}); use generator='hf'.")
 
 
+def generator_class(name: str) -> Any:
+    """The class of the generator `name` (see `GENERATORS`), imported; the engine it drives is not."""
+    module, _, cls = GENERATORS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def make_generator(name: str, context: GeneratorContext) -> Generator:
     """Start the generator `name` (see `GENERATORS`) for `context`."""
     check_available(name)
-    module, _, cls = GENERATORS[name].partition(":")
-    made: Generator = getattr(importlib.import_module(module), cls).start(context)
+    made: Generator = generator_class(name).start(context)
     return made
 
 

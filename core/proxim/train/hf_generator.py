@@ -29,6 +29,7 @@ class HFGenerator:
 
     name = "hf"
     forward_logprobs = True  # the policy itself decodes: its records match a full forward within 1e-5 in float32
+    split_parameters = True  # generate runs on the sharded policy, its parameters gathered (sharding.full_parameters)
 
     def __init__(self, lm: Any, tokenizer: Any, eos_ids: Sequence[int], batch_size: int | None = None):
         self.lm: Any = lm

@@ -90,6 +90,13 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def splits_parameters(accelerator: Accelerator) -> bool:
+    """Whether the run's parameters are split over its processes: FSDP2 (`is_sharded`) or DeepSpeed's ZeRO."""
+    from accelerate.utils import DistributedType
+
+    return is_sharded(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 # -- preparing models ------------------------------------------------------------------------------
 
 

@@ -71,6 +71,7 @@ class VLLMGenerator:
 
     name = "vllm"
     forward_logprobs = False  # another engine's kernels: its log-probs differ from the trainer's in more than rounding
+    split_parameters = False  # its weight reload takes whole tensors from one process's model
 
     def __init__(self, llm: Any, tokenizer: Any, eos_ids: Sequence[int], seed: int, *, sleep: bool = False, processed_logprobs: bool = True):
         """Wrap the engine `llm`. sleep: whether `sleep` puts it to sleep (it must have been started with

@@ -38,7 +38,7 @@ from proxim.train import adapters, distributed, models, sharding
 from proxim.train.config import TrainConfig
 from proxim.train.critic import build_critic, response_values
 from proxim.train.evaluation import evaluate_prompts
-from proxim.train.generation import Generation, GeneratorContext, make_generator, put_to_sleep
+from proxim.train.generation import Generation, GeneratorContext, generator_class, make_generator, put_to_sleep
 from proxim.train.logprobs import PolicyScorer, response_logprobs
 from proxim.train.loop import step_seed
 from proxim.train.optimization import Optimization, parameter_groups
@@ -81,9 +81,9 @@ class Trainer:
             raise ConfigurationError(f"rewards are given twice: config.rewards={config.rewards} and rewards={list(rewards)}; give one of them.")
         self.session = session = Session(c, resume)
         self.accelerator, self.rank, self.world = acc, rank, world = session.accelerator, session.rank, session.world
-        if c.generator == "vllm" and (session.sharded or acc.distributed_type.value == "DEEPSPEED"):
+        if sharding.splits_parameters(acc) and not generator_class(c.generator).split_parameters:
             raise ConfigurationError(
-                "generator='vllm' with sharded training (FSDP or DeepSpeed) is not supported: the engine's weight reload "
+                f"generator={c.generator!r} with sharded training (FSDP or DeepSpeed) is not supported: the engine's weight reload "
                 "takes whole tensors, and this combination has never run. Use --generator hf with FSDP/DeepSpeed, or vLLM "
                 "with data-parallel training (examples/accelerate/ddp.yaml)."
             )
